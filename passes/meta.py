@@ -1,0 +1,71 @@
+"""What arqc's passes record about a graph node: the one place where those keys are documented.
+
+Every pass reads and writes ``node.meta["arqc"]``, a :class:`NodeInfo`. Fields are filled by the pass
+named next to them; a pass never stores per-node facts anywhere else.
+
+Units: shapes include the batch dimension (analysis runs with batch 1); MACs are multiply-accumulates for
+one image; BitOps = MACs × w_bits × a_bits (DESIGN §2); bits are 2..8, or 32 for "not quantized".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx
+
+KEY = "arqc"
+FP32 = 32
+
+
+@dataclass
+class ActQuant:
+    """Quantization parameters of one activation tensor (a quantizable layer's input).
+
+    Integer value: clamp(round(x / scale) + zero_point, qmin, qmax); real value: (q - zero_point) * scale.
+    ``signed`` is False when the producer is non-negative (ReLU, ReLU6, ...): then qmin = 0, zero_point = 0.
+    """
+
+    bits: int
+    signed: bool
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+    lo: float  # calibrated range (float), before snapping to the grid
+    hi: float
+    method: str = "minmax"
+
+
+@dataclass
+class NodeInfo:
+    """Per-node facts. Written by: capture (``kind``, ``layer``), analysis (shapes, counts, ``nonneg``),
+    the policy pass (``w_bits``, ``a_bits``), calibration (``act``)."""
+
+    kind: str  # the op's registry key (passes/ops.py), e.g. "conv2d", "relu", "add"
+    layer: str | None = None  # the quantizable layer's name (its module path), else None
+    in_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    out_shape: tuple[int, ...] | None = None
+    macs: int = 0
+    params: int = 0
+    nonneg: bool = False  # every value of the output is >= 0 (decides unsigned activation ranges)
+    w_bits: int = FP32
+    a_bits: int = FP32
+    act: ActQuant | None = None  # the quantizer of this layer's input (None = float input)
+
+    @property
+    def quantizable(self) -> bool:
+        return self.layer is not None
+
+    @property
+    def bitops(self) -> int:
+        return self.macs * self.w_bits * self.a_bits
+
+
+def info(node: torch.fx.Node) -> NodeInfo:
+    """The node's :class:`NodeInfo` (raises KeyError if capture has not run)."""
+    return node.meta[KEY]
+
+
+def quantizable_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The quantizable layers (conv2d, linear) in graph order."""
+    return [n for n in gm.graph.nodes if KEY in n.meta and n.meta[KEY].quantizable]
