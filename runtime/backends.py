@@ -1,0 +1,164 @@
+"""Executors: a backend maps a float32 NCHW batch of [0, 1] pixels to float32 logits [B, K].
+
+The model's normalization lives inside the model. Backends run inputs in chunks of at most
+``batch_size`` rows. Adding a backend is one subclass of ``Backend`` that implements ``_run``
+(one chunk) and ``fingerprint``.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from arqc.errors import ArqcError
+
+OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class Backend(abc.ABC):
+    """A classifier that can be queried on numpy batches; ``name`` says which executor runs it."""
+
+    name: str
+    batch_size: int
+
+    def __init__(self, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ArqcError(f"backend batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+
+    @abc.abstractmethod
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """Logits of one chunk of at most ``batch_size`` rows."""
+
+    @abc.abstractmethod
+    def fingerprint(self) -> str:
+        """sha256 hex digest that identifies the model (its weights and structure)."""
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """float32 logits [B, K] of a float32 batch [B, C, H, W]."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 4:
+            raise ArqcError(f"backend input must be a batch [B, C, H, W], got shape {tuple(x.shape)}")
+        chunks = [self._run(x[i : i + self.batch_size]) for i in range(0, max(len(x), 1), self.batch_size)]
+        return np.concatenate(chunks).astype(np.float32, copy=False)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """int64 top class of every row of a batch [B, C, H, W]."""
+        return self.logits(x).argmax(axis=1).astype(np.int64)
+
+
+class TorchBackend(Backend):
+    """A torch.nn.Module in eval mode under inference_mode, on cuda when available unless ``device`` says."""
+
+    name = "torch"
+
+    def __init__(self, module: torch.nn.Module, batch_size: int = 400, device: str | None = None) -> None:
+        super().__init__(batch_size)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.module = module.eval().to(self.device)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = self.module(torch.from_numpy(x).to(self.device))
+        return out.float().cpu().numpy()
+
+    def fingerprint(self) -> str:
+        """sha256 of the module's class name and every state_dict entry (name, dtype, shape, bytes)."""
+        h = hashlib.sha256(type(self.module).__qualname__.encode())
+        for key, value in self.module.state_dict().items():
+            h.update(key.encode())
+            if isinstance(value, torch.Tensor) and not value.is_quantized:
+                t = value.detach().cpu().contiguous()
+                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(repr(value).encode())
+        return h.hexdigest()
+
+
+class OrtBackend(Backend):
+    """An ONNX model run by onnxruntime on the CPUExecutionProvider.
+
+    ``model`` is a path, serialized bytes or an onnx.ModelProto. ``opt_level`` is one of
+    disable|basic|extended|all. A fixed batch dimension is handled by padding the last chunk.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        model: str | Path | bytes | onnx.ModelProto,
+        batch_size: int = 400,
+        opt_level: str = "all",
+        intra_op_threads: int | None = None,
+        optimized_model_path: str | None = None,
+    ) -> None:
+        super().__init__(batch_size)
+        if opt_level not in OPT_LEVELS:
+            raise ArqcError(f"unknown opt_level {opt_level!r}; use one of {', '.join(OPT_LEVELS)}")
+        self.model_bytes = _model_bytes(model)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = OPT_LEVELS[opt_level]
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = intra_op_threads
+        if optimized_model_path is not None:
+            options.optimized_model_filepath = optimized_model_path
+        try:
+            self.session = ort.InferenceSession(
+                self.model_bytes, sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ArqcError(f"onnxruntime cannot load the model ({str(e).splitlines()[0]}); "
+                            "check that it is a valid ONNX file") from e
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        self.output_name = self.session.get_outputs()[0].name
+        fixed = model_input.shape[0] if model_input.shape else None
+        self.fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
+        if self.fixed_batch is not None:
+            self.batch_size = self.fixed_batch
+        self._digest = hashlib.sha256(self.model_bytes).hexdigest()
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        rows = len(x)
+        if self.fixed_batch is not None and rows < self.fixed_batch:
+            x = np.concatenate([x, np.zeros((self.fixed_batch - rows, *x.shape[1:]), np.float32)])
+        return self.session.run([self.output_name], {self.input_name: x})[0][:rows]
+
+    def fingerprint(self) -> str:
+        """sha256 of the serialized model file."""
+        return self._digest
+
+
+def _model_bytes(model: str | Path | bytes | onnx.ModelProto) -> bytes:
+    """Serialized ONNX bytes of a path, bytes or ModelProto."""
+    if isinstance(model, onnx.ModelProto):
+        return model.SerializeToString()
+    if isinstance(model, bytes):
+        return model
+    path = Path(model)
+    if not path.is_file():
+        raise ArqcError(f"ONNX model file {str(path)!r} not found; pass an existing .onnx path")
+    return path.read_bytes()
+
+
+def make_backend(model: torch.nn.Module | str | Path | bytes | onnx.ModelProto, **options) -> Backend:
+    """TorchBackend for an nn.Module, OrtBackend for ONNX (path, bytes, ModelProto); options: the class's."""
+    if isinstance(model, torch.nn.Module):
+        return TorchBackend(model, **options)
+    if isinstance(model, bytes | onnx.ModelProto) or str(model).endswith(".onnx"):
+        return OrtBackend(model, **options)
+    raise ArqcError(f"cannot make a backend from {type(model).__name__} {str(model)[:60]!r}; "
+                    "pass a torch.nn.Module or an .onnx model")
+

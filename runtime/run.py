@@ -1,0 +1,210 @@
+"""Certify a test set, resumably, and report it as a stable JSON dict and a plain-text table.
+
+Each point's noise seed derives from (run seed, image id), so a subset, a resumed run and an
+uninterrupted run give the same numbers. With ``state_path`` every finished point is appended as one
+JSON line to a state file whose first line records all arguments and the backend fingerprint; a rerun
+with the same arguments continues after the last finished point, a rerun with other arguments is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from arqc.errors import ArqcError
+from runtime.backends import Backend
+from runtime.irs import DEFAULT_GAMMA, certify_incremental
+from runtime.irs_cache import IrsCache
+from runtime.metrics import DEFAULT_RADII, summarize
+from runtime.noise import NOISE_SCHEME, point_seed
+from runtime.smoothing import certify, check_arguments
+
+STATE_FORMAT = "arqc-certify-state"
+STATE_VERSION = 1
+
+
+def certify_dataset(
+    backend: Backend,
+    x: torch.Tensor | np.ndarray,
+    y: torch.Tensor | Sequence[int],
+    ids: Sequence[int] | None = None,
+    *,
+    sigma: float,
+    n0: int = 100,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    batch_size: int = 400,
+    seed: int = 0,
+    state_path: str | Path | None = None,
+    progress: bool = True,
+    irs_cache: IrsCache | None = None,
+    gamma: float = DEFAULT_GAMMA,
+    alpha_zeta: float | None = None,
+    radii: Sequence[float] = DEFAULT_RADII,
+) -> dict:
+    """Certify every image x[i] (N, C, H, W; pixels in [0, 1]) with label y[i] and id ids[i] (default i).
+
+    Without ``irs_cache``: CERTIFY(n0, n) per point (path "full"). With it: IRS against the cached f,
+    with n' = n samples of the backend's model f' (σ and α must be the cache's; n0 and seed are unused: the
+    noise comes from the seeds recorded in the cache).
+    """
+    check_arguments(sigma=sigma, n0=n0, n=n, alpha=alpha)
+    images = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float32)
+    labels = [int(v) for v in (y.tolist() if isinstance(y, torch.Tensor) else y)]
+    ids = list(range(len(images))) if ids is None else [int(i) for i in ids]
+    if images.ndim != 4 or not len(images) == len(labels) == len(ids):
+        raise ArqcError(f"need images [N, C, H, W] with N labels and N ids; got shape {tuple(images.shape)}, "
+                        f"{len(labels)} labels, {len(ids)} ids")
+    if len(set(ids)) != len(ids) or min(ids, default=0) < 0:
+        raise ArqcError("image ids must be distinct non-negative integers")
+    irs = _irs_settings(irs_cache, sigma, n, alpha, gamma, alpha_zeta)
+    header = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "args": {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "noise": NOISE_SCHEME,
+                 "irs": irs},
+        "backend": {"name": backend.name, "fingerprint": backend.fingerprint()},
+        "data": {"num_images": len(ids), "sha256": _data_digest(images, labels, ids)},
+    }
+    points = _resume(Path(state_path), header, ids) if state_path is not None else []
+    state = open(state_path, "a", encoding="utf-8") if state_path is not None else None
+    try:
+        todo = range(len(points), len(ids))
+        for i in tqdm(todo, total=len(ids), initial=len(points), disable=not progress, desc="certify"):
+            start = time.perf_counter()
+            point = _certify_point(backend, images[i], labels[i], ids[i], sigma, n0, n, alpha, batch_size,
+                                   seed, irs_cache, gamma, alpha_zeta)
+            point["seconds"] = time.perf_counter() - start
+            points.append(point)
+            if state is not None:
+                state.write(json.dumps(point) + "\n")
+                state.flush()
+                os.fsync(state.fileno())
+    finally:
+        if state is not None:
+            state.close()
+    return _result(header, backend, points, radii)
+
+
+def _certify_point(backend: Backend, image: np.ndarray, label: int, image_id: int, sigma: float, n0: int,
+                   n: int, alpha: float, batch_size: int, seed: int, irs_cache: IrsCache | None,
+                   gamma: float, alpha_zeta: float | None) -> dict:
+    """One JSON point: full CERTIFY, or IRS against the cache."""
+    if irs_cache is None:
+        cert = certify(backend, image, sigma, n0, n, alpha, batch_size, point_seed(seed, image_id))
+        return {"index": image_id, "label": label, "prediction": cert.prediction, "radius": cert.radius,
+                "pA_lower": cert.pA_lower, "samples": cert.samples, "path": "full"}
+    cert = certify_incremental(backend, image, irs_cache.point(image_id), sigma=sigma, alpha=alpha, n_prime=n,
+                               alpha_zeta=alpha_zeta, gamma=gamma, batch_size=batch_size)
+    return {"index": image_id, "label": label, "prediction": cert.prediction, "radius": cert.radius,
+            "pA_lower": cert.pA_lower, "samples": cert.samples, "path": cert.path, "zeta": cert.zeta}
+
+
+def _irs_settings(cache: IrsCache | None, sigma: float, n: int, alpha: float, gamma: float,
+                  alpha_zeta: float | None) -> dict | None:
+    """The IRS part of the state header; refuses a cache that does not match this run."""
+    if cache is None:
+        return None
+    if cache.sigma != sigma or cache.alpha != alpha:
+        raise ArqcError(f"IRS cache was built with sigma={cache.sigma}, alpha={cache.alpha}; "
+                        f"certify with the same sigma and alpha (got sigma={sigma}, alpha={alpha})")
+    if n > cache.n:
+        raise ArqcError(f"n = {n} exceeds the IRS cache's {cache.n} samples per point; use n <= {cache.n}")
+    return {"cache_fingerprint": cache.fingerprint, "cache_n": cache.n, "cache_seed": cache.seed,
+            "gamma": gamma, "alpha_zeta": alpha if alpha_zeta is None else alpha_zeta}
+
+
+def _data_digest(images: np.ndarray, labels: list[int], ids: list[int]) -> str:
+    """sha256 of the images, labels and ids (a state file belongs to one data set)."""
+    h = hashlib.sha256(str(images.shape).encode() + np.ascontiguousarray(images).tobytes())
+    h.update(json.dumps([labels, ids]).encode())
+    return h.hexdigest()
+
+
+def _resume(path: Path, header: dict, ids: list[int]) -> list[dict]:
+    """Finished points from an existing state file (creating it, with the header, if absent).
+
+    Refuses a state file of other arguments; drops a last line that was cut off mid-write.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        path.write_text(json.dumps(header) + "\n", encoding="utf-8")
+        return []
+    raw = path.read_bytes()
+    complete = raw[: raw.rfind(b"\n") + 1]
+    if len(complete) < len(raw):  # interrupted while writing a line: forget that line
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    try:
+        lines = [json.loads(line) for line in complete.decode("utf-8").splitlines()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArqcError(f"state file {str(path)!r} is corrupt ({e}); delete it to start over") from e
+    if not lines:
+        path.write_text(json.dumps(header) + "\n", encoding="utf-8")
+        return []
+    old = lines[0]
+    for key in ("format", "version", "args", "backend", "data"):
+        if old.get(key) != header[key]:
+            raise ArqcError(f"state file {str(path)!r} belongs to a run with other {key} "
+                            f"({json.dumps(old.get(key))[:200]}); rerun with the same arguments or use "
+                            "another state path")
+    points = lines[1:]
+    if len(points) > len(ids) or [p["index"] for p in points] != ids[: len(points)]:
+        raise ArqcError(f"state file {str(path)!r} does not follow the image ids of this run; "
+                        "delete it to start over")
+    return points
+
+
+def _result(header: dict, backend: Backend, points: list[dict], radii: Sequence[float]) -> dict:
+    """The stable JSON result of a certified data set."""
+    args = header["args"]
+    summary = summarize([(p["label"], p["prediction"], p["radius"]) for p in points], radii)
+    result = {
+        "sigma": args["sigma"],
+        "n0": args["n0"],
+        "n": args["n"],
+        "alpha": args["alpha"],
+        "seed": args["seed"],
+        "num_images": len(points),
+        "backend": backend.name,
+        "backend_fingerprint": header["backend"]["fingerprint"],
+        "noise": NOISE_SCHEME,
+        "certified_accuracy": {f"{r:.2f}": acc for r, acc in summary.certified_accuracy.items()},
+        "acr": summary.acr,
+        "abstain_rate": summary.abstain_rate,
+        "clean_accuracy": summary.clean_accuracy,
+        "time_per_point_s": float(np.mean([p["seconds"] for p in points])),
+        "samples_per_point": float(np.mean([p["samples"] for p in points])),
+        "points": points,
+    }
+    if args["irs"] is not None:
+        paths = [p["path"] for p in points]
+        result["irs"] = {**args["irs"], "paths": {"irs": paths.count("irs"), "full": paths.count("full")}}
+    return result
+
+
+def format_table(result: dict) -> str:
+    """Plain-text table: certified accuracy per radius, ACR, abstain rate; n, n0, α, σ and #images."""
+    radii = list(result["certified_accuracy"])
+    width = max(7, *(len(r) + 1 for r in radii))
+    lines = [
+        "radius".ljust(20) + "".join(r.rjust(width) for r in radii),
+        "certified accuracy".ljust(20)
+        + "".join(f"{100 * result['certified_accuracy'][r]:.1f}%".rjust(width) for r in radii),
+        f"ACR {result['acr']:.3f}   abstain rate {100 * result['abstain_rate']:.1f}%   "
+        f"clean smoothed accuracy {100 * result['clean_accuracy']:.1f}%",
+        f"sigma={result['sigma']} n={result['n']} n0={result['n0']} alpha={result['alpha']} "
+        f"images={result['num_images']} backend={result['backend']} seed={result['seed']}",
+    ]
+    if "irs" in result:
+        irs = result["irs"]
+        lines.append(f"IRS: {irs['paths']['irs']} points by replayed noise (alpha_zeta={irs['alpha_zeta']}), "
+                     f"{irs['paths']['full']} certified afresh (pA_lower >= gamma={irs['gamma']})")
+    return "\n".join(lines)

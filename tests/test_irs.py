@@ -1,0 +1,221 @@
+"""Incremental randomized smoothing: ζ, radii, paths, measured soundness and the cache file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import brentq
+from scipy.stats import binom, norm
+
+from arqc.errors import ArqcError
+from runtime.backends import TorchBackend
+from runtime.irs import build_cache, certify_incremental
+from runtime.irs_cache import load_cache
+from runtime.noise import Phase, noisy_batches
+from runtime.run import certify_dataset, format_table
+from runtime.smoothing import ABSTAIN, certify
+
+SHAPE = (1, 2, 2)
+W = np.array([1.0, -2.0, 0.5, 1.5])
+SIGMA, N0, N, ALPHA = 0.5, 10, 1000, 0.001
+
+
+class LinearClassifier(torch.nn.Module):
+    """f(x) = 1[w·x + b > 0]: P(f(x+ε) = 1) = Φ((w·x + b) / (σ‖w‖)); the true L2 radius is |w·x + b| / ‖w‖."""
+
+    def __init__(self, w: np.ndarray = W, b: float = 0.0) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w, dtype=torch.float32))
+        self.b = torch.nn.Parameter(torch.tensor(float(b)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.flatten(1) @ self.w + self.b
+        return torch.stack([torch.zeros_like(z), z], dim=1)
+
+
+def backend_of(w: np.ndarray = W, b: float = 0.0) -> TorchBackend:
+    return TorchBackend(LinearClassifier(w, b), batch_size=2000, device="cpu")
+
+
+def point_with_probability(p: float, rng: np.random.Generator, sigma: float = SIGMA) -> np.ndarray:
+    """An image x whose smoothed f puts probability p on class 1 (p < 1/2: on class 0)."""
+    v = rng.uniform(0, 1, size=W.size)
+    v -= (v @ W) / (W @ W) * W
+    margin = sigma * np.linalg.norm(W) * norm.ppf(p)
+    return (v + margin / (W @ W) * W).reshape(SHAPE).astype(np.float32)
+
+
+def cp_upper_independent(k: int, n: int, alpha: float) -> float:
+    """Clopper–Pearson upper bound by its definition: the p with P(Binomial(n, p) ≤ k) = α (1 when k = n)."""
+    if k == n:
+        return 1.0
+    return brentq(lambda p: binom.cdf(k, n, p) - alpha, 1e-15, 1 - 1e-15, xtol=1e-15, rtol=1e-14)
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return np.stack([point_with_probability(p, rng) for p in (0.9, 0.15, 0.97, 0.8, 1 - 1e-9)])
+
+
+@pytest.fixture(scope="module")
+def cache(images):
+    labels = np.array([1, 0, 1, 1, 1])
+    return build_cache(backend_of(), images, labels, [0, 1, 2, 3, 4], sigma=SIGMA, n0=N0, n=N, alpha=ALPHA,
+                       batch_size=500, seed=21)
+
+
+def test_cache_holds_f_certificates(cache, images):
+    f = backend_of()
+    for point, image in zip(cache.points, images, strict=True):
+        cert = certify(f, image, SIGMA, N0, N, ALPHA, 500, point.seed, keep_predictions=True)
+        assert (point.top_class, point.pA_lower, point.radius) == (cert.top_class, cert.pA_lower, cert.radius)
+        assert np.array_equal(point.predictions, cert.predictions) and len(point.predictions) == N
+    assert cache.points[4].pA_lower >= 0.99 > max(p.pA_lower for p in cache.points[:4])
+
+
+def test_same_network_gives_the_zeta_floor(cache, images):
+    n_prime, alpha_zeta = 400, 0.01
+    for i in range(4):
+        point = cache.points[i]
+        cert = certify_incremental(backend_of(), images[i], point, sigma=SIGMA, alpha=ALPHA, n_prime=n_prime,
+                                   alpha_zeta=alpha_zeta)
+        floor = 1 - alpha_zeta ** (1 / n_prime)  # Clopper–Pearson upper bound of 0 disagreements in n'
+        assert cert.path == "irs" and cert.disagreements == 0 and cert.samples == n_prime
+        assert cert.zeta == pytest.approx(floor, rel=1e-10)
+        assert cert.pA_lower == pytest.approx(point.pA_lower - floor, rel=1e-12)
+        assert cert.prediction == point.top_class
+        assert cert.radius == pytest.approx(SIGMA * norm.ppf(point.pA_lower - floor), rel=1e-10)
+
+
+def test_perturbed_network_disagrees_and_never_gains_radius(cache, images):
+    w_q = W + np.random.default_rng(3).normal(0, 0.15, W.size)
+    n_prime = 1000
+    for i in range(4):
+        point = cache.points[i]
+        cert = certify_incremental(backend_of(w_q), images[i], point, sigma=SIGMA, alpha=ALPHA,
+                                   n_prime=n_prime)
+        noisy = np.concatenate(list(noisy_batches(images[i], SIGMA, n_prime, 1000, point.seed,
+                                                  Phase.ESTIMATION)))
+        flat = noisy.reshape(n_prime, -1).astype(np.float64)
+        k = int(np.sum((flat @ W > 0) != (flat @ w_q > 0)))  # counted here, independently of arqc
+        assert cert.path == "irs" and cert.disagreements == k > 0
+        assert cert.zeta == pytest.approx(cp_upper_independent(k, n_prime, ALPHA), abs=1e-9)
+        assert cert.radius <= point.radius
+        if cert.prediction != ABSTAIN:
+            assert cert.prediction == point.top_class
+            assert cert.radius == pytest.approx(SIGMA * norm.ppf(point.pA_lower - cert.zeta), rel=1e-10)
+        else:
+            assert point.pA_lower - cert.zeta <= 0.5 and cert.radius == 0.0
+
+
+def test_fallback_when_pA_lower_reaches_gamma(cache, images):
+    point, n_prime = cache.points[4], 500
+    cert = certify_incremental(backend_of(), images[4], point, sigma=SIGMA, alpha=ALPHA, n_prime=n_prime)
+    assert cert.path == "full" and cert.zeta is None and cert.samples == n_prime
+    expected = ALPHA ** (1 / n_prime)  # pA ≈ 1 - 1e-9: all n' fresh samples vote for ĉA
+    assert cert.pA_lower == pytest.approx(expected, rel=1e-10)
+    assert cert.radius == pytest.approx(SIGMA * norm.ppf(expected), rel=1e-10)
+    replayed = certify_incremental(backend_of(), images[4], point, sigma=SIGMA, alpha=ALPHA, n_prime=n_prime,
+                                   gamma=1.0)
+    assert replayed.path == "irs"
+    low = certify_incremental(backend_of(), images[0], cache.points[0], sigma=SIGMA, alpha=ALPHA,
+                              n_prime=n_prime, gamma=0.5)
+    assert low.path == "full"
+
+
+def test_incremental_refuses_other_images_and_too_many_samples(cache, images):
+    with pytest.raises(ArqcError, match="differs"):
+        certify_incremental(backend_of(), images[1], cache.points[0], sigma=SIGMA, alpha=ALPHA, n_prime=100)
+    with pytest.raises(ArqcError, match="exceeds"):
+        certify_incremental(backend_of(), images[0], cache.points[0], sigma=SIGMA, alpha=ALPHA, n_prime=N + 1)
+
+
+def test_irs_soundness_measured():
+    """Over many points, IRS certificates of f' are wrong at a rate ≤ α + α_ζ (+ binomial slack)."""
+    alpha = alpha_zeta = 0.05
+    sigma, n, n_prime, num_points = 0.5, 200, 200, 2000
+    w_q, b_q = W + np.random.default_rng(5).normal(0, 0.3, W.size), 0.05
+    rng = np.random.default_rng(8)
+    p = rng.uniform(0.6, 0.98, num_points)
+    p = np.where(rng.integers(2, size=num_points) == 1, p, 1 - p)  # f's probability of class 1
+    images = np.stack([point_with_probability(q, rng, sigma) for q in p])
+    cache = build_cache(backend_of(), images, np.zeros(num_points, int), list(range(num_points)), sigma=sigma,
+                        n0=10, n=n, alpha=alpha, batch_size=1000, seed=2)
+    f_q = backend_of(w_q, b_q)
+    failures = certified = stale_failures = 0
+    for image, point in zip(images, cache.points, strict=True):
+        cert = certify_incremental(f_q, image, point, sigma=sigma, alpha=alpha, n_prime=n_prime,
+                                   alpha_zeta=alpha_zeta)
+        z = float(image.ravel().astype(np.float64) @ w_q + b_q)
+        true_class, true_radius = int(z > 0), abs(z) / np.linalg.norm(w_q)
+        if cert.prediction != ABSTAIN:
+            certified += 1
+            failures += cert.prediction != true_class or cert.radius > true_radius
+        # negative control: f's cached certificate taken for f' (ζ = 0) is unsound
+        stale_failures += point.radius > 0 and (point.top_class != true_class or point.radius > true_radius)
+    bound = binom.ppf(0.999, num_points, alpha + alpha_zeta) / num_points
+    print(f"\nIRS alpha=alpha_zeta={alpha}: {failures}/{num_points} unsound "
+          f"(rate {failures / num_points:.4f}, "
+          f"allowed {bound:.4f}); {certified} certified; f's stale certificates fail at rate "
+          f"{stale_failures / num_points:.3f}")
+    assert certified > num_points // 4
+    assert failures / num_points <= bound
+    assert stale_failures / num_points > bound  # the measurement tells a sound certificate from a stale one
+
+
+# --- the cache file -------------------------------------------------------------------------------
+
+
+def test_cache_file_round_trips(cache, tmp_path):
+    path = tmp_path / "f.irs.npz"
+    cache.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["f.irs.npz"]  # no temp file left behind
+    loaded = load_cache(path, fingerprint=backend_of().fingerprint(), sigma=SIGMA, n=N, ids=[4, 0])
+    assert (loaded.fingerprint, loaded.sigma, loaded.n, loaded.n0, loaded.alpha, loaded.seed) == (
+        cache.fingerprint, SIGMA, N, N0, ALPHA, 21)
+    for a, b in zip(loaded.points, cache.points, strict=True):
+        assert (a.image_id, a.label, a.top_class, a.pA_lower, a.radius, a.seed, a.image_sha256) == (
+            b.image_id, b.label, b.top_class, b.pA_lower, b.radius, b.seed, b.image_sha256)
+        assert a.predictions.dtype == np.uint8 and np.array_equal(a.predictions, b.predictions)
+    assert loaded.point(3) is loaded.points[3]
+    with np.load(path, allow_pickle=False) as data:
+        header = json.loads(str(data["header"]))
+    assert (header["format"], header["version"]) == ("arqc-irs-cache", 1)
+    assert header["image_ids"] == [0, 1, 2, 3, 4]
+
+
+def test_cache_refuses_other_model_sigma_n_ids(cache, tmp_path):
+    path = tmp_path / "f.irs.npz"
+    cache.save(path)
+    right = dict(fingerprint=backend_of().fingerprint(), sigma=SIGMA, n=N, ids=[0, 1])
+    for wrong in (dict(fingerprint=backend_of(W * 1.1).fingerprint()), dict(sigma=0.25), dict(n=500),
+                  dict(ids=[0, 9])):
+        with pytest.raises(ArqcError) as error:
+            load_cache(path, **(right | wrong))
+        assert "\n" not in str(error.value) and "rebuild" in str(error.value)
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(ArqcError, match="cannot read"):
+        load_cache(tmp_path / "junk.npz", **right)
+    with pytest.raises(ArqcError, match="not in the IRS cache"):
+        cache.point(99)
+
+
+def test_certify_dataset_with_irs_cache(cache, images):
+    x, y, ids = torch.from_numpy(images), torch.tensor([1, 0, 1, 1, 1]), [0, 1, 2, 3, 4]
+    w_q = W + np.random.default_rng(3).normal(0, 0.05, W.size)
+    args = dict(sigma=SIGMA, n0=N0, n=500, alpha=ALPHA, batch_size=250, seed=21, progress=False)
+    result = certify_dataset(backend_of(w_q), x, y, ids, irs_cache=cache, **args)
+    assert [p["path"] for p in result["points"]] == ["irs"] * 4 + ["full"]
+    assert result["irs"]["paths"] == {"irs": 4, "full": 1} and result["samples_per_point"] == 500
+    for p, image, point in zip(result["points"], images, cache.points, strict=True):
+        cert = certify_incremental(backend_of(w_q), image, point, sigma=SIGMA, alpha=ALPHA, n_prime=500)
+        assert (p["prediction"], p["radius"], p["zeta"]) == (cert.prediction, cert.radius, cert.zeta)
+    assert "IRS:" in format_table(result)
+    with pytest.raises(ArqcError, match="sigma"):
+        certify_dataset(backend_of(w_q), x, y, ids, irs_cache=cache, **(args | dict(sigma=0.25)))
+    with pytest.raises(ArqcError, match="exceeds"):
+        certify_dataset(backend_of(w_q), x, y, ids, irs_cache=cache, **(args | dict(n=N + 1)))
