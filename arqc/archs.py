@@ -102,8 +102,8 @@ class MnistCNN(nn.Module):
         self.conv2 = nn.Conv2d(32, 32, 4, 2, 1)
         self.conv3 = nn.Conv2d(32, 64, 3, 1, 1)
         self.conv4 = nn.Conv2d(64, 64, 4, 2, 1)
-        self.fc1 = nn.Linear(64 * 7 * 7, 512)
-        self.fc2 = nn.Linear(512, num_classes)
+        self.fc1 = nn.Linear(64 * 7 * 7, 256)
+        self.fc2 = nn.Linear(256, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)

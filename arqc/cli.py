@@ -124,6 +124,14 @@ def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bit
                                  "profile": prof.to_json(), "settings": settings})
 
 
+# Commands defined in their own modules (one import and one add_command line each).
+# -- command registrations: begin --
+from arqc.cmd_train import train_cmd  # noqa: E402
+
+cli.add_command(train_cmd)
+# -- command registrations: end --
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="arqc", standalone_mode=False)

@@ -1,0 +1,223 @@
+"""The ARQ driver: search → noise-aware QAT → lower → fresh certification in onnxruntime → report.
+
+Every stage keeps its result in a work directory, so ``--resume`` continues an interrupted run and gives
+the same result as an uninterrupted one (same seed):
+
+    args.json            the run's arguments (a resume with other arguments is refused)
+    fp32_irs_cache.npz   the FP32 smoothed model certified on the search images (IRS cache)
+    search_state.pt      the search after every episode (agent, log)        → policy.json, search_log.json
+    qat.pt               the fine-tuned simulated model after every epoch
+    certify_quantized.jsonl / certify_fp32.jsonl   resumable final certification states
+
+Search images come from the training split (after the calibration images); the reported certificates come
+from a fresh CERTIFY (other seeds) of the ONNX model in onnxruntime on test images the search never saw.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from arqc.data import ImageSet
+from arqc.errors import ArqcError
+from arqc.loading import atomic_write
+from arqc.pipeline import Prepared, quantize, to_onnx
+from arqc.qat import finetune
+from passes.analysis import profile
+from passes.policy import Policy, apply_policy, policy_to_json
+from passes.search.agent import DDPGConfig
+from passes.search.baselines import greedy_policy, sensitivity, uniform_policy
+from passes.search.budget import check_budget, layer_specs
+from passes.search.env import BitAllocationEnv
+from passes.search.loop import ddpg_search, random_search
+from passes.search.rewards import AccuracyReward, CertifiedReward
+from runtime.backends import OrtBackend, TorchBackend
+from runtime.irs import build_cache, load_cache
+from runtime.run import certify_dataset
+
+METHODS = ("arq", "haq", "uniform", "random", "greedy")
+TEST_SEED_OFFSET = 7919  # final certificates use other seeds than anything in the search
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    method: str = "arq"
+    budget: float = 0.015625
+    sigma: float = 0.25
+    episodes: int = 60
+    warmup: int = 20
+    search_images: int = 100
+    cache_n: int = 2000  # FP32 samples per search image (the IRS cache)
+    search_n: int = 500  # n' of the quantized model per search image and episode
+    n0: int = 100
+    n: int = 100_000
+    alpha: float = 0.001
+    lam: float = 0.0  # weight of clean smoothed accuracy in the ARQ reward
+    finetune_epochs: int = 1
+    lr: float = 1e-3
+    test_images: int = 500
+    seed: int = 0
+    scales: str = "float"
+    min_bits: int = 2
+    max_bits: int = 8
+    keep_first_last: bool = True  # HAQ keeps the first and last layer at 8 bits
+    calib_images: int = 256
+    batch_size: int = 400
+
+
+class Run:
+    def __init__(self, prep: Prepared, train: ImageSet, test: ImageSet, settings: SearchSettings,
+                 workdir: Path, resume: bool, progress: bool = True):
+        self.prep, self.train, self.test, self.s = prep, train, test, settings
+        self.dir, self.progress = Path(workdir), progress
+        self.timings: dict[str, float] = {}
+        if settings.method not in METHODS:
+            raise ArqcError(f"unknown method '{settings.method}'; choose one of {', '.join(METHODS)}")
+        self.layers = layer_specs(prep.gm)
+        names = [layer.name for layer in self.layers]
+        self.fixed = {names[0]: 8, names[-1]: 8} if settings.keep_first_last else {}
+        check_budget(self.layers, settings.budget, settings.min_bits, self.fixed)
+        if len(train) < settings.calib_images + settings.search_images:
+            raise ArqcError(f"--data has {len(train)} images; calibration and search need "
+                            f"{settings.calib_images + settings.search_images}: lower --search-images")
+        self.calib = train.subset(num=settings.calib_images)
+        self.search = train.subset(num=settings.search_images, start=settings.calib_images)
+        self.test_set = test.subset(num=min(settings.test_images, len(test)))
+        self._check_args(resume)
+
+    # -- bookkeeping -----------------------------------------------------------------------------------
+    def _signature(self) -> dict:
+        return {"settings": asdict(self.s), "model": TorchBackend(self.prep.gm).fingerprint(),
+                "train": self.train.spec, "test": self.test.spec}
+
+    def _check_args(self, resume: bool) -> None:
+        args = self.dir / "args.json"
+        if args.exists():
+            if not resume:
+                raise ArqcError(f"work directory {self.dir} holds an earlier run; pass --resume to continue "
+                                "it, or remove the directory to start over")
+            if json.loads(args.read_text()) != self._signature():
+                raise ArqcError(f"--resume with other arguments than the run in {self.dir}; use the same "
+                                "arguments, or remove the directory to start over")
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(args, lambda f: f.write(json.dumps(self._signature(), indent=1).encode()))
+
+    def _timed(self, stage: str, fn):
+        start = time.perf_counter()
+        out = fn()
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+        return out
+
+    def make_sim(self, policy: Policy) -> torch.fx.GraphModule:
+        return quantize(self.prep, policy, self.calib, self.s.calib_images, self.s.scales)
+
+    # -- stages ----------------------------------------------------------------------------------------
+    def fp32_cache(self):
+        path, s = self.dir / "fp32_irs_cache.npz", self.s
+        backend = TorchBackend(self.prep.gm, batch_size=s.batch_size)
+        ids = [int(i) for i in self.search.ids]
+        if path.exists():
+            return load_cache(path, fingerprint=backend.fingerprint(), sigma=s.sigma, n=s.cache_n, ids=ids)
+        cache = build_cache(backend, self.search.x.numpy(), self.search.y.numpy(), ids, sigma=s.sigma,
+                            n0=s.n0, n=s.cache_n, alpha=s.alpha, batch_size=s.batch_size, seed=s.seed,
+                            progress=self.progress)
+        cache.save(path)
+        return cache
+
+    def search_policy(self) -> tuple[Policy, list[dict]]:
+        s = self.s
+        if s.method == "uniform":
+            return uniform_policy(self.layers, s.budget, s.min_bits, s.max_bits, self.fixed), []
+        if s.method == "greedy":
+            return self._greedy(), []
+        env = BitAllocationEnv(self.layers, s.budget, s.min_bits, s.max_bits, self.fixed)
+        ids = [int(i) for i in self.search.ids]
+        if s.method == "haq":
+            reward = AccuracyReward(self.make_sim, self.search.x, self.search.y, s.batch_size)
+        else:
+            cache = self._timed("fp32 cache", self.fp32_cache)
+            reward = CertifiedReward(self.make_sim, self.search.x, self.search.y, ids, cache, s.search_n,
+                                     s.lam, s.batch_size)
+        state = self.dir / "search_state.pt"
+        if s.method == "random":
+            log = random_search(env, reward, s.episodes, s.seed, state, progress=self.progress)
+        else:
+            config = DDPGConfig(warmup=s.warmup, seed=s.seed)
+            log = ddpg_search(env, reward, s.episodes, config, state, progress=self.progress)
+        best = log.best()
+        return {name: (b["w_bits"], b["a_bits"]) for name, b in best["policy"].items()}, log.episodes
+
+    def _greedy(self) -> Policy:
+        gen = torch.Generator().manual_seed(self.s.seed)
+        x = self.search.x[:64]
+        x = x + self.s.sigma * torch.randn(x.shape, generator=gen)
+        with torch.inference_mode():
+            reference = self.prep.gm(x)
+
+        def logits_of(policy: Policy) -> torch.Tensor:
+            with torch.inference_mode():
+                return self.make_sim(policy)(x)
+
+        sens = sensitivity(self.layers, logits_of, reference, self.s.min_bits, self.s.max_bits)
+        return greedy_policy(self.layers, self.s.budget, sens, self.s.min_bits, self.s.max_bits, self.fixed)
+
+    def certify(self, backend, name: str) -> dict:
+        s, t = self.s, self.test_set
+        return certify_dataset(backend, t.x, t.y, [int(i) for i in t.ids], sigma=s.sigma, n0=s.n0, n=s.n,
+                               alpha=s.alpha, batch_size=s.batch_size, seed=s.seed + TEST_SEED_OFFSET,
+                               state_path=self.dir / f"certify_{name}.jsonl", progress=self.progress)
+
+    def run(self, settings_meta: dict) -> tuple[onnx.ModelProto, dict]:
+        """All stages; returns the ONNX model (with the report in its metadata) and the report."""
+        s = self.s
+        policy_path = self.dir / "policy.json"
+        if policy_path.exists():
+            saved = json.loads(policy_path.read_text())
+            policy = {k: (v["w_bits"], v["a_bits"]) for k, v in saved["policy"].items()}
+            episodes = saved["episodes"]
+        else:
+            policy, episodes = self._timed("search", self.search_policy)
+            data = {"policy": policy_to_json(policy), "episodes": episodes}
+            atomic_write(policy_path, lambda f: f.write(json.dumps(data, indent=1).encode()))
+        sim = self.make_sim(policy)
+        self._timed("qat", lambda: finetune(sim, self.train.x, self.train.y, sigma=s.sigma,
+                                            epochs=s.finetune_epochs, lr=s.lr, seed=s.seed,
+                                            state_path=self.dir / "qat.pt", progress=self.progress))
+        meta = dict(settings_meta, search=asdict(s))
+        model = to_onnx(sim, meta)
+        quantized = self._timed("certify onnx", lambda: self.certify(
+            OrtBackend(model.SerializeToString(), batch_size=s.batch_size), "quantized"))
+        fp32 = self._timed("certify fp32", lambda: self.certify(
+            TorchBackend(self.prep.gm, batch_size=s.batch_size), "fp32"))
+        apply_policy(self.prep.gm, policy)
+        report = build_report(s, policy, profile(self.prep.gm), quantized, fp32, episodes, self.timings)
+        onnx.helper.set_model_props(model, {p.key: p.value for p in model.metadata_props} |
+                                    {"arqc.report": json.dumps(report)})
+        return model, report
+
+
+def build_report(s: SearchSettings, policy: Policy, prof, quantized: dict, fp32: dict, episodes: list[dict],
+                 timings: dict) -> dict:
+    """The stable report JSON (README: "compile report")."""
+    def cert(result: dict) -> dict:
+        return {"certified_accuracy": result["certified_accuracy"], "acr": result["acr"],
+                "clean_accuracy": result["clean_accuracy"], "abstain_rate": result["abstain_rate"]}
+
+    return {
+        "method": s.method, "budget": s.budget, "bitops_ratio_fp32": prof.bitops_ratio_fp32,
+        "size_ratio_fp32": prof.to_json()["size_ratio_fp32"],
+        "policy": policy_to_json(policy), **cert(quantized), "fp32": cert(fp32),
+        "episodes": episodes,
+        "certification": {"sigma": s.sigma, "n": s.n, "n0": s.n0, "alpha": s.alpha,
+                          "num_images": quantized["num_images"], "backend": quantized["backend"],
+                          "seed": quantized["seed"]},
+        "layers": prof.to_json()["layers"], "timings_s": timings,
+        "search_samples": int(np.sum([e.get("samples", 0) for e in episodes])),
+    }

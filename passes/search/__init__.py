@@ -1,0 +1,4 @@
+"""Bit-allocation search: the environment (env.py), the DDPG agent (agent.py), the budget wall
+(budget.py), baselines (baselines.py), the search loop (loop.py) and rewards from runtime/ (rewards.py).
+The environment and the agent know nothing of each other's internals, and neither knows how a reward is
+computed: the loop hands the environment's policies to a reward function."""

@@ -1,0 +1,104 @@
+"""Search loops: DDPG episodes (ARQ, HAQ) and random search, resumable episode by episode.
+
+A reward function maps a policy to (reward, info) — info holds what the log should keep (ACR, accuracy…).
+The loop checkpoints after every episode (agent state, log) into ``state_path`` (written atomically), so an
+interrupted search resumed with the same arguments gives the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from arqc.errors import ArqcError
+from arqc.loading import atomic_write
+from passes.policy import Policy, policy_to_json
+from passes.search.agent import DDPG, DDPGConfig
+from passes.search.budget import bitops, enforce_budget, fp32_bitops
+from passes.search.env import STATE_DIM, BitAllocationEnv
+
+RewardFn = Callable[[Policy], tuple[float, dict]]
+
+
+@dataclass
+class SearchLog:
+    episodes: list[dict] = field(default_factory=list)  # policy, bitops ratio, reward, info per episode
+
+    def best(self) -> dict:
+        return max(self.episodes, key=lambda e: e["reward"])
+
+
+def _record(env: BitAllocationEnv, policy: Policy, reward: float, info: dict, episode: int) -> dict:
+    return {"episode": episode, "policy": policy_to_json(policy), "reward": reward,
+            "bitops_ratio_fp32": bitops(env.layers, policy) / fp32_bitops(env.layers), **info}
+
+
+def _load_state(state_path: Path | None, signature: dict) -> dict | None:
+    if state_path is None or not state_path.exists():
+        return None
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if state.get("signature") != signature:
+        raise ArqcError(f"{state_path} belongs to a search with other arguments; use the same arguments to "
+                        "resume, or remove the work directory to start over")
+    return state
+
+
+def _save_state(state_path: Path | None, state: dict) -> None:
+    if state_path is not None:
+        atomic_write(state_path, lambda f: torch.save(state, f))
+
+
+def ddpg_search(env: BitAllocationEnv, reward_fn: RewardFn, episodes: int, config: DDPGConfig,
+                state_path: Path | None = None, signature: dict | None = None, progress: bool = True) -> SearchLog:
+    """HAQ's loop: per episode, the agent picks every layer's bits, the wall enforces the budget, the reward
+    function scores the policy, and the agent learns from the episode."""
+    agent = DDPG(STATE_DIM, config)
+    log = SearchLog()
+    signature = {"kind": "ddpg", "episodes": episodes, **(signature or {})}
+    state = _load_state(state_path, signature)
+    if state is not None:
+        agent.load_state_dict(state["agent"])
+        log.episodes = state["log"]
+    bar = tqdm(range(len(log.episodes), episodes), initial=len(log.episodes), total=episodes,
+               desc="search", disable=not progress)
+    for episode in bar:
+        s = env.reset()
+        transitions, done = [], False
+        while not done:
+            a = agent.act(s)
+            s2, done = env.step(a)
+            transitions.append((s, a, s2, done))
+            s = s2
+        policy = env.policy()
+        reward, info = reward_fn(policy)
+        agent.end_episode(transitions, reward)
+        log.episodes.append(_record(env, policy, reward, info, episode))
+        bar.set_postfix(reward=f"{reward:.4f}", best=f"{log.best()['reward']:.4f}")
+        _save_state(state_path, {"signature": signature, "agent": agent.state_dict(), "log": log.episodes})
+    return log
+
+
+def random_search(env: BitAllocationEnv, reward_fn: RewardFn, episodes: int, seed: int = 0,
+                  state_path: Path | None = None, signature: dict | None = None, progress: bool = True) -> SearchLog:
+    """Uniformly random bits per layer (then the budget wall), as many evaluations as the agent gets."""
+    log = SearchLog()
+    signature = {"kind": "random", "episodes": episodes, "seed": seed, **(signature or {})}
+    state = _load_state(state_path, signature)
+    if state is not None:
+        log.episodes = state["log"]
+    for episode in tqdm(range(len(log.episodes), episodes), initial=len(log.episodes), total=episodes,
+                        desc="random search", disable=not progress):
+        rng = random.Random(f"{seed}:{episode}")  # one stream per episode: resuming needs no RNG state
+        policy = {layer.name: (env.fixed[layer.name],) * 2 if layer.name in env.fixed else
+                  (rng.randint(env.min_bits, env.max_bits), rng.randint(env.min_bits, env.max_bits))
+                  for layer in env.layers}
+        policy = enforce_budget(env.layers, policy, env.budget, env.min_bits, env.fixed)
+        reward, info = reward_fn(policy)
+        log.episodes.append(_record(env, policy, reward, info, episode))
+        _save_state(state_path, {"signature": signature, "log": log.episodes})
+    return log

@@ -1,0 +1,70 @@
+"""Rewards for the search: each asks runtime/ for a number about a candidate policy.
+
+- :class:`CertifiedReward` (ARQ): ACR of the quantized smoothed classifier on the search images, certified
+  by IRS against the FP32 model's cache (runtime/irs.py), plus λ × its clean smoothed accuracy.
+- :class:`AccuracyReward` (HAQ): top-1 accuracy of the quantized base classifier on the search images.
+Certificates computed here rank candidates only; reported certificates come from a fresh CERTIFY on test
+images (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.fx
+
+from passes.policy import Policy
+from runtime.backends import TorchBackend
+from runtime.irs_cache import IrsCache
+from runtime.run import certify_dataset
+
+SimFactory = Callable[[Policy], torch.fx.GraphModule]  # policy → calibrated simulated model
+
+
+class _Memo:
+    """Scores each distinct policy once (the budget wall often maps episodes onto the same policy)."""
+
+    def __init__(self):
+        self.cache: dict[tuple, tuple[float, dict]] = {}
+
+    def __call__(self, policy: Policy) -> tuple[float, dict]:
+        key = tuple(sorted(policy.items()))
+        if key not in self.cache:
+            self.cache[key] = self.score(policy)
+        return self.cache[key]
+
+    def score(self, policy: Policy) -> tuple[float, dict]:
+        raise NotImplementedError
+
+
+class CertifiedReward(_Memo):
+    def __init__(self, make_sim: SimFactory, images: torch.Tensor, labels: torch.Tensor, ids: list[int],
+                 cache: IrsCache, n_prime: int, lam: float = 0.0, batch_size: int = 400):
+        super().__init__()
+        self.make_sim, self.images, self.labels, self.ids = make_sim, images, labels, ids
+        self.cache_fp32, self.n_prime, self.lam, self.batch_size = cache, n_prime, lam, batch_size
+        self.samples = 0
+
+    def score(self, policy: Policy) -> tuple[float, dict]:
+        backend = TorchBackend(self.make_sim(policy), batch_size=self.batch_size)
+        result = certify_dataset(backend, self.images, self.labels, self.ids, sigma=self.cache_fp32.sigma,
+                                 n=self.n_prime, alpha=self.cache_fp32.alpha, batch_size=self.batch_size,
+                                 irs_cache=self.cache_fp32, progress=False)
+        samples = sum(p["samples"] for p in result["points"])
+        self.samples += samples
+        reward = result["acr"] + self.lam * result["clean_accuracy"]
+        return reward, {"acr": result["acr"], "clean_accuracy": result["clean_accuracy"], "samples": samples}
+
+
+class AccuracyReward(_Memo):
+    def __init__(self, make_sim: SimFactory, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 400):
+        super().__init__()
+        self.make_sim, self.images, self.labels, self.batch_size = make_sim, images, labels, batch_size
+
+    def score(self, policy: Policy) -> tuple[float, dict]:
+        sim = self.make_sim(policy)
+        with torch.inference_mode():
+            predictions = torch.cat([sim(x).argmax(1) for x in self.images.split(self.batch_size)])
+        accuracy = float((predictions == self.labels).float().mean())
+        return accuracy, {"accuracy": accuracy}
