@@ -37,9 +37,9 @@ from passes.search.budget import check_budget, layer_specs
 from passes.search.env import BitAllocationEnv
 from passes.search.loop import ddpg_search, random_search
 from passes.search.rewards import AccuracyReward, CertifiedReward
-from runtime.backends import OrtBackend, TorchBackend
+from runtime.backends import ComparingBackend, OrtBackend, TorchBackend
 from runtime.irs import build_cache, load_cache
-from runtime.run import certify_dataset
+from runtime.run import certify_dataset, check_disagreement
 
 METHODS = ("arq", "haq", "uniform", "random", "greedy")
 TEST_SEED_OFFSET = 7919  # final certificates use other seeds than anything in the search
@@ -68,14 +68,18 @@ class SearchSettings:
     max_bits: int = 8
     keep_first_last: bool = True  # HAQ keeps the first and last layer at 8 bits
     calib_images: int = 256
+    calib_sigma: float | None = None  # noise on calibration images; None: σ (what the base model sees)
     batch_size: int = 400
 
 
 class Run:
     def __init__(self, prep: Prepared, train: ImageSet, test: ImageSet, settings: SearchSettings,
-                 workdir: Path, resume: bool, progress: bool = True):
+                 workdir: Path, resume: bool, progress: bool = True, fp32_dir: Path | None = None):
+        """``fp32_dir``: where the FP32 model's IRS cache and certification live (default: ``workdir``);
+        runs that differ only in method or budget can share them."""
         self.prep, self.train, self.test, self.s = prep, train, test, settings
         self.dir, self.progress = Path(workdir), progress
+        self.fp32_dir = Path(fp32_dir) if fp32_dir is not None else self.dir
         self.timings: dict[str, float] = {}
         if settings.method not in METHODS:
             raise ArqcError(f"unknown method '{settings.method}'; choose one of {', '.join(METHODS)}")
@@ -116,15 +120,17 @@ class Run:
         return out
 
     def make_sim(self, policy: Policy) -> torch.fx.GraphModule:
-        return quantize(self.prep, policy, self.calib, self.s.calib_images, self.s.scales)
+        calib_sigma = self.s.sigma if self.s.calib_sigma is None else self.s.calib_sigma
+        return quantize(self.prep, policy, self.calib, self.s.calib_images, self.s.scales, calib_sigma)
 
     # -- stages ----------------------------------------------------------------------------------------
     def fp32_cache(self):
-        path, s = self.dir / "fp32_irs_cache.npz", self.s
+        path, s = self.fp32_dir / "fp32_irs_cache.npz", self.s
         backend = TorchBackend(self.prep.gm, batch_size=s.batch_size)
         ids = [int(i) for i in self.search.ids]
         if path.exists():
             return load_cache(path, fingerprint=backend.fingerprint(), sigma=s.sigma, n=s.cache_n, ids=ids)
+        self.fp32_dir.mkdir(parents=True, exist_ok=True)
         cache = build_cache(backend, self.search.x.numpy(), self.search.y.numpy(), ids, sigma=s.sigma,
                             n0=s.n0, n=s.cache_n, alpha=s.alpha, batch_size=s.batch_size, seed=s.seed,
                             progress=self.progress)
@@ -168,14 +174,17 @@ class Run:
         sens = sensitivity(self.layers, logits_of, reference, self.s.min_bits, self.s.max_bits)
         return greedy_policy(self.layers, self.s.budget, sens, self.s.min_bits, self.s.max_bits, self.fixed)
 
-    def certify(self, backend, name: str) -> dict:
+    def certify(self, backend, state_path: Path) -> dict:
         s, t = self.s, self.test_set
         return certify_dataset(backend, t.x, t.y, [int(i) for i in t.ids], sigma=s.sigma, n0=s.n0, n=s.n,
                                alpha=s.alpha, batch_size=s.batch_size, seed=s.seed + TEST_SEED_OFFSET,
-                               state_path=self.dir / f"certify_{name}.jsonl", progress=self.progress)
+                               state_path=state_path, progress=self.progress)
 
-    def run(self, settings_meta: dict) -> tuple[onnx.ModelProto, dict]:
-        """All stages; returns the ONNX model (with the report in its metadata) and the report."""
+    def run(self, settings_meta: dict, verify: bool = False,
+            max_disagreement: float = 1.0) -> tuple[onnx.ModelProto, dict]:
+        """All stages; returns the ONNX model (with the report in its metadata) and the report. With
+        ``verify``, onnxruntime and the torch simulation run on the same noisy samples of the final
+        certification and their disagreement rate goes into the report (refused above ``max_disagreement``)."""
         s = self.s
         policy_path = self.dir / "policy.json"
         if policy_path.exists():
@@ -192,12 +201,17 @@ class Run:
                                             state_path=self.dir / "qat.pt", progress=self.progress))
         meta = dict(settings_meta, search=asdict(s))
         model = to_onnx(sim, meta)
-        quantized = self._timed("certify onnx", lambda: self.certify(
-            OrtBackend(model.SerializeToString(), batch_size=s.batch_size), "quantized"))
+        backend = OrtBackend(model.SerializeToString(), batch_size=s.batch_size)
+        if verify:
+            backend = ComparingBackend(backend, TorchBackend(sim, batch_size=s.batch_size))
+        quantized = self._timed("certify onnx", lambda: self.certify(backend, self.dir / "certify_quantized.jsonl"))
+        self.fp32_dir.mkdir(parents=True, exist_ok=True)
         fp32 = self._timed("certify fp32", lambda: self.certify(
-            TorchBackend(self.prep.gm, batch_size=s.batch_size), "fp32"))
+            TorchBackend(self.prep.gm, batch_size=s.batch_size), self.fp32_dir / "certify_fp32.jsonl"))
         apply_policy(self.prep.gm, policy)
         report = build_report(s, policy, profile(self.prep.gm), quantized, fp32, episodes, self.timings)
+        if verify:
+            report["verification"] = check_disagreement(backend, s.alpha, max_disagreement)
         onnx.helper.set_model_props(model, {p.key: p.value for p in model.metadata_props} |
                                     {"arqc.report": json.dumps(report)})
         return model, report
@@ -221,3 +235,46 @@ def build_report(s: SearchSettings, policy: Policy, prof, quantized: dict, fp32:
         "layers": prof.to_json()["layers"], "timings_s": timings,
         "search_samples": int(np.sum([e.get("samples", 0) for e in episodes])),
     }
+
+
+def compile_with_search(model: str, output: str, *, arch, trust_pickle, input_shape, data, calib_images,
+                        calib_sigma, scales, report_path, check, budget, options: dict) -> None:
+    """``arqc compile --budget``: the whole ARQ pipeline, then the ONNX model, report JSON and HTML."""
+    import click
+
+    from arqc.data import check_compatible, load_images
+    from arqc.pipeline import prepare
+    from arqc.report import format_report, render_html
+    from passes.search.budget import parse_budget
+
+    if check is None:
+        raise ArqcError("--budget needs --sigma S and --test-data SPEC (the search certifies at σ; the result "
+                        "is certified afresh on held-out test images)")
+    if data is None:
+        raise ArqcError("--budget needs --data SPEC: training images for calibration, search and QAT")
+    if options["episodes"] < 1 or options["warmup"] < 0 or options["search_images"] < 1 or \
+            options["search_n"] < 1 or options["cache_n"] < options["search_n"] or options["finetune_epochs"] < 0:
+        raise ArqcError("need --episodes >= 1, --warmup >= 0, --search-images >= 1, --finetune-epochs >= 0 "
+                        "and --search-n <= --cache-n")
+    train, test = load_images(data), load_images(check.test_data)
+    prep = prepare(model, arch, trust_pickle, input_shape, train)
+    check_compatible(test, prep.input_shape, prep.loaded.num_classes)
+    settings = SearchSettings(
+        method=options["method"], budget=parse_budget(budget), sigma=check.sigma, episodes=options["episodes"],
+        warmup=options["warmup"], search_images=options["search_images"], cache_n=options["cache_n"],
+        search_n=options["search_n"], n0=check.n0, n=check.n, alpha=check.alpha, lam=options["lam"],
+        finetune_epochs=options["finetune_epochs"], lr=options["lr"], test_images=check.num_images,
+        seed=check.seed, scales=scales, calib_images=calib_images, calib_sigma=calib_sigma)
+    workdir = Path(options["workdir"] or f"{output}.arqc")
+    run = Run(prep, train, test, settings, workdir, options["resume"])
+    meta = {"source": prep.loaded.source, "arch": prep.loaded.arch, "input_shape": list(prep.input_shape),
+            "num_classes": prep.loaded.num_classes, "scales": scales, "calibration_data": data,
+            "calibration_images": calib_images, "sigma": check.sigma}
+    model_proto, report = run.run(meta, verify=check.verify, max_disagreement=check.max_disagreement)
+    click.echo(format_report(report))
+    atomic_write(output, lambda f: f.write(model_proto.SerializeToString()))
+    click.echo(f"wrote {output} (stages kept in {workdir})")
+    if report_path:
+        atomic_write(report_path, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
+    if options["html_path"]:
+        atomic_write(options["html_path"], lambda f: f.write(render_html(report).encode()))

@@ -39,10 +39,13 @@ def prepare(path: str | None, arch: str | None = None, trust_pickle: bool = Fals
     return Prepared(loaded, gm, tuple(shape))
 
 
-def calibration_batches(images: ImageSet, num: int, batch_size: int = 128) -> list[torch.Tensor]:
-    """The first ``num`` images (clean) in batches, for activation ranges."""
+def calibration_batches(images: ImageSet, num: int, sigma: float = 0.0, seed: int = 0,
+                        batch_size: int = 128) -> list[torch.Tensor]:
+    """The first ``num`` images in batches, for activation ranges; with ``sigma`` > 0, each with Gaussian noise
+    N(0, σ²) in pixel space (fixed seed): the inputs a smoothed classifier's base model actually sees."""
+    gen = torch.Generator().manual_seed(seed)
     sub = images.subset(num=num)
-    return [x for x, _ in sub.batches(batch_size)]
+    return [x + sigma * torch.randn(x.shape, generator=gen) if sigma > 0 else x for x, _ in sub.batches(batch_size)]
 
 
 def needs_calibration(policy: Policy) -> bool:
@@ -50,8 +53,9 @@ def needs_calibration(policy: Policy) -> bool:
 
 
 def quantize(prep: Prepared, policy: Policy, calibration: ImageSet | None, num_calibration: int = 512,
-             scales: str = "float") -> torch.fx.GraphModule:
-    """The fake-quantized simulation of the prepared graph under ``policy``."""
+             scales: str = "float", calib_sigma: float = 0.0) -> torch.fx.GraphModule:
+    """The fake-quantized simulation of the prepared graph under ``policy``, its activation ranges calibrated
+    on ``num_calibration`` training images (with noise N(0, calib_sigma²) when calib_sigma > 0)."""
     apply_policy(prep.gm, policy)
     if calibration is None:
         if needs_calibration(policy):
@@ -59,8 +63,10 @@ def quantize(prep: Prepared, policy: Policy, calibration: ImageSet | None, num_c
                             "training images (e.g. cifar10:DIR:train)")
         batches = [torch.zeros(1, *prep.input_shape)]  # weights-only: nothing to calibrate
     else:
-        batches = calibration_batches(calibration, num_calibration)
-    return simulate(prep.gm, batches, scales=scales)
+        batches = calibration_batches(calibration, num_calibration, calib_sigma)
+    method = "minmax" + (f", noise sigma={calib_sigma:g}" if calib_sigma > 0 else "") + \
+        (", po2 scales" if scales == "po2" else "")
+    return simulate(prep.gm, batches, scales=scales, method=method)
 
 
 def to_onnx(sim: torch.fx.GraphModule, settings: dict, int4_weights: bool = False) -> onnx.ModelProto:

@@ -19,9 +19,10 @@ import torch
 import torch.fx
 from onnx import TensorProto, helper, numpy_helper
 
+from arqc.errors import ArqcError
 from passes import ops
 from passes.meta import FP32, ActQuant, info, quantizable_nodes
-from passes.quantize import QuantLayer
+from passes.quantize import INT32_BOUND, QuantLayer
 
 OPSET = 21
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -93,7 +94,7 @@ class OnnxBuilder:
             return x, w, self.const(m.bias.detach().numpy().astype(np.float32), f"{name}_bias")
         scale = bias_scale.detach().numpy().astype(np.float32)
         # the simulation rounds in float32: use its integers so both compute the same function
-        b_int = torch.round(m.bias.detach() / bias_scale).clamp(-(2**31 - 1), 2**31 - 1).numpy()
+        b_int = torch.round(m.bias.detach() / bias_scale).clamp(-INT32_BOUND, INT32_BOUND).numpy()
         b = self.const(b_int.astype(np.int32), f"{name}_bias_int32")
         s = self.const(scale, f"{name}_bias_scale")
         z = self.const(np.zeros_like(b_int, dtype=np.int32), f"{name}_bias_zero_point")
@@ -137,7 +138,11 @@ def lower(sim: torch.fx.GraphModule, settings: dict | None = None, int4_weights:
             outputs.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, shape))
         else:
             args = torch.fx.node.map_arg(node.args, lambda n: values[n])
-            values[node] = ops.RULES[info(node).kind].lower(b, node, args)
+            try:
+                values[node] = ops.RULES[info(node).kind].lower(b, node, args)
+            except NotImplementedError as err:
+                raise ArqcError(f"cannot lower node '{node.name}' to ONNX: {err}; rewrite that part of the "
+                                "model or extend its entry in passes/ops.py") from None
     graph = helper.make_graph(b.nodes, name, inputs, outputs, list(b.initializers.values()))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="arqc")
     model.ir_version = 10

@@ -29,7 +29,7 @@ from torch import nn
 
 from passes.meta import FP32, ActQuant, info, quantizable_nodes
 
-INT32_MAX = 2**31 - 1
+INT32_BOUND = 2**31 - 2**7  # the largest float32 below 2^31: the int32 bias range, exact in float32 too
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -70,7 +70,8 @@ def weight_scale(weight: torch.Tensor, bits: int, scales: str = "float") -> torc
     return scale.reshape((-1,) + (1,) * (weight.dim() - 1))
 
 
-def act_quant(lo: float, hi: float, bits: int, signed: bool, scales: str = "float") -> ActQuant:
+def act_quant(lo: float, hi: float, bits: int, signed: bool, scales: str = "float",
+              method: str = "minmax") -> ActQuant:
     """Affine per-tensor parameters for a calibrated min/max range (widened to contain 0)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if not signed:
@@ -80,7 +81,6 @@ def act_quant(lo: float, hi: float, bits: int, signed: bool, scales: str = "floa
     if scales == "po2":
         scale = _po2(scale)
     scale = float(scale)
-    method = "minmax" if scales == "float" else "minmax-po2"
     zero_point = int(min(max(qmin - round(lo / scale), qmin), qmax))
     return ActQuant(bits, signed, scale, zero_point, qmin, qmax, float(lo), float(hi), method)
 
@@ -97,6 +97,7 @@ class QuantLayer:
         self.w_bits, self.a_bits, self.signed, self.act, self.scales = w_bits, a_bits, signed, None, scales
         self.observed: tuple[float, float] | None = None
         self.calibrating = False
+        self.method = "minmax"
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_bits >= FP32:
@@ -130,14 +131,14 @@ class QuantLayer:
         scale = self.bias_scale()
         if scale is None:
             return self.bias
-        return fake_quant(self.bias, scale, 0, -INT32_MAX, INT32_MAX)
+        return fake_quant(self.bias, scale, 0, -INT32_BOUND, INT32_BOUND)
 
     def finish_calibration(self) -> None:
         self.calibrating = False
         if self.a_bits < FP32:
             if self.observed is None:
                 raise RuntimeError("calibration saw no data")
-            self.act = act_quant(*self.observed, self.a_bits, self.signed, self.scales)
+            self.act = act_quant(*self.observed, self.a_bits, self.signed, self.scales, self.method)
 
 
 class QuantConv2d(QuantLayer, nn.Conv2d):
@@ -157,11 +158,12 @@ def _quant_copy(module: nn.Module, w_bits: int, a_bits: int, signed: bool, scale
     return q
 
 
-def simulate(gm: torch.fx.GraphModule, calibration: Iterable[torch.Tensor],
-             scales: str = "float") -> torch.fx.GraphModule:
+def simulate(gm: torch.fx.GraphModule, calibration: Iterable[torch.Tensor], scales: str = "float",
+             method: str = "minmax") -> torch.fx.GraphModule:
     """A copy of ``gm`` whose layers are fake-quantized at the bits in their meta (the policy pass sets them),
-    with activation ranges calibrated on ``calibration`` batches (clean training images). Records each
-    layer's :class:`ActQuant` in ``meta["arqc"].act``."""
+    with activation ranges calibrated (min/max) on ``calibration`` batches of training images; ``method``
+    names how they were made (recorded in each :class:`ActQuant`, e.g. "minmax, noise sigma=0.25").
+    Records each layer's :class:`ActQuant` in ``meta["arqc"].act``."""
     if scales not in SCALES:
         raise ValueError(f"scales must be one of {SCALES}")
     sim = copy.deepcopy(gm)
@@ -171,6 +173,7 @@ def simulate(gm: torch.fx.GraphModule, calibration: Iterable[torch.Tensor],
         producer_nonneg = info(node.args[0]).nonneg
         layer = _quant_copy(sim.get_submodule(node.target), meta.w_bits, meta.a_bits, not producer_nonneg,
                             scales)
+        layer.method = method
         owner, _, name = node.target.rpartition(".")
         setattr(sim.get_submodule(owner), name, layer)
         layers[node] = layer

@@ -162,3 +162,22 @@ def make_backend(model: torch.nn.Module | str | Path | bytes | onnx.ModelProto, 
     raise ArqcError(f"cannot make a backend from {type(model).__name__} {str(model)[:60]!r}; "
                     "pass a torch.nn.Module or an .onnx model")
 
+
+class ComparingBackend(Backend):
+    """Runs ``primary`` (whose logits it returns) and ``reference`` on the same batches, counting the rows
+    whose top classes differ: the per-sample agreement of two models on identical noise."""
+
+    def __init__(self, primary: Backend, reference: Backend) -> None:
+        super().__init__(primary.batch_size)
+        self.primary, self.reference = primary, reference
+        self.name = primary.name
+        self.samples = self.disagreements = 0
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        logits = self.primary.logits(x)
+        self.disagreements += int(np.sum(logits.argmax(axis=1) != self.reference.predict(x)))
+        self.samples += len(x)
+        return logits
+
+    def fingerprint(self) -> str:
+        return self.primary.fingerprint()

@@ -20,12 +20,12 @@ import torch
 from tqdm import tqdm
 
 from arqc.errors import ArqcError
-from runtime.backends import Backend
+from runtime.backends import Backend, ComparingBackend
 from runtime.irs import DEFAULT_GAMMA, certify_incremental
 from runtime.irs_cache import IrsCache
 from runtime.metrics import DEFAULT_RADII, summarize
 from runtime.noise import NOISE_SCHEME, point_seed
-from runtime.smoothing import certify, check_arguments
+from runtime.smoothing import certify, check_arguments, upper_confidence_bound
 
 STATE_FORMAT = "arqc-certify-state"
 STATE_VERSION = 1
@@ -208,3 +208,18 @@ def format_table(result: dict) -> str:
         lines.append(f"IRS: {irs['paths']['irs']} points by replayed noise (alpha_zeta={irs['alpha_zeta']}), "
                      f"{irs['paths']['full']} certified afresh (pA_lower >= gamma={irs['gamma']})")
     return "\n".join(lines)
+
+
+def check_disagreement(backend: ComparingBackend, alpha: float, max_disagreement: float) -> dict:
+    """How often the primary and reference models of ``backend`` disagreed on the same noisy samples, with
+    the one-sided Clopper–Pearson upper bound at level α; ArqcError when the rate exceeds ``max_disagreement``."""
+    k, total = backend.disagreements, backend.samples
+    rate = k / total if total else 0.0
+    report = {"reference": "torch simulation", "samples": total, "disagreements": k, "rate": rate,
+              "upper_bound": upper_confidence_bound(k, total, alpha) if total else 1.0, "alpha": alpha,
+              "max_disagreement": max_disagreement, "passed": rate <= max_disagreement}
+    if not report["passed"]:
+        raise ArqcError(f"the ONNX model disagrees with the torch simulation on {k} of {total} noisy samples "
+                        f"(rate {rate:.4f} > --max-disagreement {max_disagreement}); nothing written. "
+                        "Try --scales po2 (bit-exact across backends) or a higher precision")
+    return report

@@ -1,0 +1,111 @@
+"""Compile reports: the terminal summary and an HTML page with plots, from the report JSON alone (which
+``arqc compile`` also stores in the ONNX model's metadata, so ``arqc report model.onnx`` rebuilds it)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+
+import onnx
+
+from arqc.errors import ArqcError
+
+SUMMARY_RADII = ("0.00", "0.25", "0.50", "0.75", "1.00")  # keys of runtime.run results
+
+
+def report_from_onnx(path: str) -> dict:
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as err:  # onnx raises DecodeError, OSError, ...
+        raise ArqcError(f"cannot read {path} as an ONNX model ({type(err).__name__}); check the path") from None
+    for prop in model.metadata_props:
+        if prop.key == "arqc.report":
+            return json.loads(prop.value)
+    raise ArqcError(f"{path} carries no arqc report; it was compiled without --budget/--sigma, or not by arqc")
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{'layer':<28} {'W':>3} {'A':>3} {'BitOps share':>13}", "-" * 50]
+    for layer in r["layers"]:
+        lines.append(f"{layer['name'][:28]:<28} {layer['w_bits']:>3} {layer['a_bits']:>3} "
+                     f"{100 * layer['share']:>12.2f}%")
+    lines.append("-" * 50)
+    c = r["certification"]
+    head = f"{'':<22}" + "".join(f"r={rad:<7}" for rad in SUMMARY_RADII) + "   ACR"
+    lines += [f"method {r['method']}   budget {100 * r['budget']:.3g}% of FP32 BitOps   achieved "
+              f"{100 * r['bitops_ratio_fp32']:.3g}%   size {100 * r['size_ratio_fp32']:.3g}% of FP32", "", head]
+    for name, block in (("FP32 (torch)", r["fp32"]), (f"{r['method']} (onnxruntime)", r)):
+        acc = block["certified_accuracy"]
+        lines.append(f"{name:<22}" + "".join(f"{100 * acc[rad]:<9.1f}" for rad in SUMMARY_RADII)
+                     + f"{block['acr']:.3f}")
+    lines.append(f"certified accuracy (%) on {c['num_images']} test images: sigma={c['sigma']} n={c['n']} "
+                 f"n0={c['n0']} alpha={c['alpha']} (fresh seeds, never seen by the search)")
+    if "verification" in r:
+        v = r["verification"]
+        lines.append(f"onnxruntime vs torch simulation: {v.get('disagreements', '?')} of {v.get('samples', '?')} "
+                     "noisy samples disagree")
+    return "\n".join(lines)
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(r: dict, others: list[dict]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = []
+    fig, ax = plt.subplots(figsize=(9, 3))
+    names = [layer["name"] for layer in r["layers"]]
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [layer["w_bits"] for layer in r["layers"]], 0.4, label="weights")
+    ax.bar([x + 0.2 for x in xs], [layer["a_bits"] for layer in r["layers"]], 0.4, label="activations")
+    ax.set_xticks(list(xs), names, rotation=90, fontsize=7)
+    ax.set_ylabel("bits")
+    ax.legend()
+    figs.append(("Bits per layer", _png(fig)))
+    if r["episodes"]:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.plot([e["episode"] for e in r["episodes"]], [e["reward"] for e in r["episodes"]], ".-")
+        ax.set_xlabel("episode")
+        ax.set_ylabel("reward")
+        figs.append(("Reward per episode", _png(fig)))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, block in [("FP32", r["fp32"]), (r["method"], r)] + [(o["method"], o) for o in others]:
+        radii = sorted(block["certified_accuracy"], key=float)
+        ax.plot([float(x) for x in radii], [block["certified_accuracy"][x] for x in radii], label=label)
+    ax.set_xlabel("radius (L2)")
+    ax.set_ylabel("certified accuracy")
+    ax.legend()
+    figs.append(("Certified accuracy vs radius", _png(fig)))
+    evaluated = [e for e in r["episodes"] if "acr" in e]
+    if evaluated:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        points = sorted((e["bitops_ratio_fp32"], e["acr"]) for e in evaluated)
+        ax.scatter([100 * p[0] for p in points], [p[1] for p in points], s=10, alpha=0.5, label="evaluated")
+        front, best = [], -1.0
+        for b, acr in points:
+            if acr > best:
+                front.append((b, acr))
+                best = acr
+        ax.plot([100 * p[0] for p in front], [p[1] for p in front], "r.-", label="Pareto front")
+        ax.set_xlabel("BitOps (% of FP32)")
+        ax.set_ylabel("ACR (search images, IRS)")
+        ax.legend()
+        figs.append(("BitOps vs ACR of every evaluated policy", _png(fig)))
+    plt.close("all")
+    return figs
+
+
+def render_html(r: dict, others: list[dict] | None = None) -> str:
+    figs = _plots(r, others or [])
+    body = "".join(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{png}'>" for title, png in figs)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>arqc report</title></head><body>"
+            f"<h1>arqc compile report</h1><pre>{html.escape(format_report(r))}</pre>{body}</body></html>")

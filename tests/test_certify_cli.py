@@ -1,0 +1,339 @@
+"""`arqc certify` and `arqc compile --sigma --verify` end to end: a random mnist_cnn, a tiny npz data set."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import runtime.run
+from arqc import archs
+from arqc.cli import main
+from arqc.loading import save_checkpoint
+
+SMALL = ["--sigma", "0.25", "--n", "200", "--n0", "20", "--alpha", "0.01"]
+NUM_IMAGES = 4
+JSON_KEYS = {"sigma", "n0", "n", "alpha", "seed", "num_images", "backend", "certified_accuracy", "acr",
+             "abstain_rate", "clean_accuracy", "time_per_point_s", "samples_per_point", "points"}
+POINT_KEYS = {"index", "label", "prediction", "radius", "pA_lower", "samples", "path"}
+
+
+def arqc(capsys, *args) -> tuple[int, str, str]:
+    """Run the CLI in-process: (exit status, stdout, stderr)."""
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def without_timing(result: dict) -> dict:
+    result = json.loads(json.dumps(result))
+    result.pop("time_per_point_s")
+    for p in result["points"]:
+        p.pop("seconds")
+    return result
+
+
+def checkpoint(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    save_checkpoint(path, archs.build("mnist_cnn"), "mnist_cnn", (1, 28, 28), 10)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    """A random mnist_cnn checkpoint, another one, and 4 images labelled with the first one's clean class."""
+    d = tmp_path_factory.mktemp("certify")
+    model = checkpoint(d / "m.pt", 0)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (NUM_IMAGES, 28, 28), dtype=np.uint8)
+    with torch.no_grad():
+        net = archs.build("mnist_cnn")
+        net.load_state_dict(torch.load(model, weights_only=True)["state_dict"])
+        y = net(torch.from_numpy(x[:, None] / 255).float()).argmax(1).numpy()
+    y[-1] = (y[-1] + 1) % 10  # one wrong label
+    np.savez(d / "d.npz", x=x, y=y)
+    return {"dir": d, "model": model, "other": checkpoint(d / "other.pt", 1), "data": f"npz:{d / 'd.npz'}",
+            "x": x, "y": y}
+
+
+@pytest.fixture(scope="module")
+def torch_run(files, tmp_path_factory) -> tuple[dict, str, Path]:
+    """The uninterrupted torch run: its JSON, stdout and output folder."""
+    out = tmp_path_factory.mktemp("torch_run")
+    capsys = _ModuleCapture()
+    code, stdout, _ = capsys.run(files["model"], "--data", files["data"], *SMALL, "--json", out / "a.json")
+    assert code == 0
+    return json.loads((out / "a.json").read_text()), stdout, out
+
+
+class _ModuleCapture:
+    """capsys for module-scoped fixtures (pytest's capsys is function-scoped)."""
+
+    def run(self, *args) -> tuple[int, str, str]:
+        import contextlib
+        import io
+
+        out, err = io.StringIO(), io.StringIO()
+        code = 0
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(["certify", *map(str, args)])
+            except SystemExit as e:
+                code = e.code
+        return code, out.getvalue(), err.getvalue()
+
+
+# --- certify: backends, JSON, table -------------------------------------------------------------------------
+
+
+def test_json_keys_table_and_no_leftovers(torch_run):
+    result, stdout, out = torch_run
+    assert JSON_KEYS <= set(result)
+    settings = (result["sigma"], result["n"], result["n0"], result["alpha"], result["seed"])
+    assert settings == (0.25, 200, 20, 0.01, 0)
+    assert result["num_images"] == NUM_IMAGES and result["backend"] == "torch"
+    assert set(result["certified_accuracy"]) >= {"0.00", "0.25", "0.50"}
+    assert all(POINT_KEYS <= set(p) for p in result["points"])
+    assert [p["index"] for p in result["points"]] == list(range(NUM_IMAGES))
+    assert [p["samples"] for p in result["points"]] == [220] * NUM_IMAGES
+    assert result["points"][-1]["prediction"] != result["points"][-1]["label"]  # the wrong label: not correct
+    assert result["certified_accuracy"]["0.00"] == result["clean_accuracy"] <= 0.75
+    assert 0 < result["acr"] and any(p["radius"] > 0 for p in result["points"])
+    for text in ("sigma=0.25", "n=200", "n0=20", "alpha=0.01", f"images={NUM_IMAGES}", "ACR", "accuracy"):
+        assert text in stdout
+    assert [p.name for p in out.iterdir()] == ["a.json"]  # no temp file of the atomic write, no state file
+
+
+def test_torch_and_ort_backends_give_identical_certificates(torch_run, files, tmp_path, capsys):
+    points = without_timing(torch_run[0])["points"]
+    code, _, _ = arqc(capsys, "certify", files["model"], "--data", files["data"], *SMALL, "--backend", "ort",
+                      "--json", tmp_path / "ort.json")
+    assert code == 0
+    ort = json.loads((tmp_path / "ort.json").read_text())
+    assert ort["backend"] == "onnxruntime" and without_timing(ort)["points"] == points
+    # the same model compiled to an .onnx file, run at another optimization level, certifies the same way
+    assert arqc(capsys, "compile", files["model"], "--bits", "32", "-o", tmp_path / "m.onnx")[0] == 0
+    code, _, _ = arqc(capsys, "certify", tmp_path / "m.onnx", "--data", files["data"], *SMALL, "--ort-opt",
+                      "disable", "--threads", "1", "--json", tmp_path / "onnx.json")
+    assert code == 0
+    assert without_timing(json.loads((tmp_path / "onnx.json").read_text()))["points"] == points
+
+
+def test_skip_and_num_images_select_points_with_their_own_noise(torch_run, files, tmp_path, capsys):
+    code, _, _ = arqc(capsys, "certify", files["model"], "--data", files["data"], *SMALL, "--skip", "2",
+                      "--num-images", "1", "--json", tmp_path / "s.json")
+    assert code == 0
+    points = without_timing(json.loads((tmp_path / "s.json").read_text()))["points"]
+    assert points == without_timing(torch_run[0])["points"][0:1]
+
+
+# --- resume -------------------------------------------------------------------------------------------------
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(torch_run, files, tmp_path, capsys, monkeypatch):
+    real = runtime.run._certify_point
+    calls = []
+
+    def dies_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(args[3])
+        return real(*args, **kwargs)
+
+    out = tmp_path / "r.json"
+    state = Path(str(out) + ".state")
+    args = ["certify", files["model"], "--data", files["data"], *SMALL, "--json", out]
+    monkeypatch.setattr(runtime.run, "_certify_point", dies_after_two)
+    code, _, err = arqc(capsys, *args)
+    assert code == 130 and "2 of 4 points are saved" in err
+    assert not out.exists() and len(state.read_text().splitlines()) == 1 + 2  # header + 2 finished points
+
+    code, _, err = arqc(capsys, *args, "--sigma", "0.5")  # other arguments: refused
+    assert code == 2 and err.startswith("arqc: error: state file") and len(err.splitlines()) == 1
+    assert len(state.read_text().splitlines()) == 3
+
+    def counts(*args, **kwargs):
+        calls.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime.run, "_certify_point", counts)
+    code, stdout, _ = arqc(capsys, *args)
+    assert code == 0 and "2 of 4 points were done" in stdout
+    assert calls == [0, 1, 2, 3]  # the rerun certified only the two points left
+    assert without_timing(json.loads(out.read_text())) == without_timing(torch_run[0]) | {"model": str(
+        files["model"]), "data": files["data"], "skip": 1}
+    assert not state.exists()  # removed once the JSON is written
+
+
+# --- IRS ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def irs_files(files, tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("irs")
+    run = _ModuleCapture().run
+    code, _, _ = run(files["model"], "--data", files["data"], *SMALL, "--save-irs-cache", d / "c.npz",
+                     "--json", d / "fp.json")
+    assert code == 0
+    for name, model in (("q.onnx", files["model"]), ("other.onnx", files["other"])):
+        main(["compile", str(model), "--bits", "8", "--data", files["data"], "-o", str(d / name)])
+    return {"cache": d / "c.npz", "fp": json.loads((d / "fp.json").read_text()), "q": d / "q.onnx",
+            "other": d / "other.onnx"}
+
+
+def test_saving_an_irs_cache_gives_the_plain_result(irs_files, torch_run):
+    assert without_timing(irs_files["fp"]) == without_timing(torch_run[0])
+
+
+def test_irs_certifies_a_quantized_model_against_the_cache(irs_files, files, tmp_path, capsys):
+    code, out, _ = arqc(capsys, "certify", irs_files["q"], "--data", files["data"], "--sigma", "0.25",
+                        "--irs-cache", irs_files["cache"], "--json", tmp_path / "q.json")
+    assert code == 0
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert (result["n"], result["n0"], result["alpha"]) == (200, 20, 0.01)  # the cache's
+    assert result["irs"]["paths"]["irs"] + result["irs"]["paths"]["full"] == NUM_IMAGES
+    assert f"path irs ({result['irs']['paths']['irs']} points)" in out
+    for p, fp in zip(result["points"], irs_files["fp"]["points"], strict=True):
+        assert p["samples"] == 200 and p["path"] in ("irs", "full")
+        if p["path"] == "irs":  # pA_lower(f') = pA_lower(f) - ζ: never more radius than f had
+            assert p["prediction"] in (fp["prediction"], -1) and p["radius"] <= fp["radius"] and p["zeta"] > 0
+
+
+# --- compile --sigma --verify -------------------------------------------------------------------------------
+
+VERIFY = ["--sigma", "0.25", "--verify", "--num-images", "2", "--n", "100", "--n0", "10", "--alpha", "0.01"]
+
+
+def test_compile_verify_reports_the_onnx_certificate_and_the_disagreement(files, tmp_path, capsys):
+    code, out, _ = arqc(capsys, "compile", files["model"], "--bits", "8", "--data", files["data"], "-o",
+                        tmp_path / "q.onnx", "--report", tmp_path / "r.json", "--test-data", files["data"],
+                        *VERIFY)
+    assert code == 0 and (tmp_path / "q.onnx").exists()
+    report = json.loads((tmp_path / "r.json").read_text())
+    certificate, disagreement = report["certificate"], report["disagreement"]
+    assert certificate["backend"] == "onnxruntime" and certificate["num_images"] == 2
+    assert disagreement["samples"] == 2 * 110 and disagreement["disagreements"] <= 2
+    assert disagreement["rate"] == disagreement["disagreements"] / 220 < disagreement["upper_bound"] < 0.05
+    assert disagreement["passed"] and "noisy samples disagree" in out
+    # the reported certificate is the ONNX file's own: `arqc certify` of the written file gives it again
+    code, _, _ = arqc(capsys, "certify", tmp_path / "q.onnx", "--data", files["data"], "--num-images", "2",
+                      "--sigma", "0.25", "--n", "100", "--n0", "10", "--alpha", "0.01",
+                      "--json", tmp_path / "c.json")
+    assert code == 0
+    assert without_timing(json.loads((tmp_path / "c.json").read_text()))["points"] == without_timing(
+        certificate)["points"]
+
+
+def test_compile_verify_refuses_a_model_that_disagrees(files, tmp_path, capsys, monkeypatch):
+    from arqc import pipeline
+
+    real = pipeline.to_onnx
+
+    def skewed(sim, settings, int4_weights=False):  # lower a model that differs from the simulation
+        sim = copy.deepcopy(sim)
+        with torch.no_grad():
+            [m for m in sim.modules() if isinstance(m, torch.nn.Linear)][-1].bias[1] += 50.0
+        return real(sim, settings, int4_weights)
+
+    monkeypatch.setattr(pipeline, "to_onnx", skewed)
+    code, _, err = arqc(capsys, "compile", files["model"], "--bits", "8", "--data", files["data"], "-o",
+                        tmp_path / "q.onnx", "--report", tmp_path / "r.json", "--test-data", files["data"],
+                        *VERIFY)
+    assert code == 2 and err.splitlines()[-1].startswith("arqc: error: the ONNX model disagrees")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- bad input: one line, exit 2, nothing written -----------------------------------------------------------
+
+
+def _npz(path: Path, x: np.ndarray, y: np.ndarray, **extra) -> str:
+    np.savez(path, x=x, y=y, **extra)
+    return f"npz:{path}"
+
+
+BAD_CERTIFY = ["missing data", "data of another shape", "labels beyond the model's classes",
+               "negative labels", "sigma 0", "sigma < 0", "sigma nan", "sigma not a number", "n0 0", "n 0",
+               "alpha 0", "alpha 1", "num-images 0", "skip 0", "batch 0", "missing model",
+               "torch backend for onnx", "missing cache", "cache of another model", "cache of another sigma",
+               "cache with fewer samples", "cache of other images", "cache and save-cache",
+               "bad data while saving a cache"]
+
+
+def bad_certify_args(case: str, files: dict, irs: dict, d: Path) -> tuple[Path, dict, list]:
+    """(model, options replacing the defaults, extra arguments) of a bad certify command."""
+    x28, x32 = np.zeros((2, 28, 28), np.uint8), np.zeros((2, 32, 32, 3), np.uint8)
+    cache = ["--irs-cache", irs["cache"]]
+    return {
+        "missing data": (files["model"], {"--data": f"npz:{d / 'nope.npz'}"}, []),
+        "data of another shape": (files["model"], {"--data": _npz(d / "rgb.npz", x32, np.zeros(2, int))}, []),
+        "labels beyond the model's classes": (files["model"],
+                                              {"--data": _npz(d / "l.npz", x28, np.array([0, 12]))}, []),
+        "negative labels": (files["model"], {"--data": _npz(d / "n.npz", x28, np.array([0, -1]))}, []),
+        "sigma 0": (files["model"], {"--sigma": "0"}, []),
+        "sigma < 0": (files["model"], {"--sigma": "-0.5"}, []),
+        "sigma nan": (files["model"], {"--sigma": "nan"}, []),
+        "sigma not a number": (files["model"], {"--sigma": "big"}, []),
+        "n0 0": (files["model"], {"--n0": "0"}, []),
+        "n 0": (files["model"], {"--n": "0"}, []),
+        "alpha 0": (files["model"], {"--alpha": "0"}, []),
+        "alpha 1": (files["model"], {"--alpha": "1"}, []),
+        "num-images 0": (files["model"], {}, ["--num-images", "0"]),
+        "skip 0": (files["model"], {}, ["--skip", "0"]),
+        "batch 0": (files["model"], {}, ["--batch", "0"]),
+        "missing model": (d / "nope.pt", {}, []),
+        "torch backend for onnx": (irs["q"], {}, ["--backend", "torch"]),
+        "missing cache": (irs["q"], {}, ["--irs-cache", d / "nope.npz"]),
+        "cache of another model": (irs["other"], {}, cache),
+        "cache of another sigma": (irs["q"], {"--sigma": "0.5"}, cache),
+        "cache with fewer samples": (irs["q"], {"--n": "201"}, cache),
+        "cache of other images": (irs["q"], {"--data": _npz(d / "o.npz", files["x"] // 2, files["y"])},
+                                  cache),
+        "cache and save-cache": (files["model"], {}, [*cache, "--save-irs-cache", d / "out" / "c.npz"]),
+        "bad data while saving a cache": (files["model"], {"--data": f"npz:{d / 'nope.npz'}"},
+                                          ["--save-irs-cache", d / "out" / "c.npz"]),
+    }[case]
+
+
+@pytest.mark.parametrize("case", BAD_CERTIFY)
+def test_bad_certify_input_is_one_line_and_writes_nothing(case, files, irs_files, tmp_path, capsys):
+    work = tmp_path / "out"
+    work.mkdir()
+    model, change, extra = bad_certify_args(case, files, irs_files, tmp_path)
+    options = {"--data": files["data"], **dict(zip(SMALL[::2], SMALL[1::2], strict=True)), **change}
+    code, out, err = arqc(capsys, "certify", model, *[v for kv in options.items() for v in kv], *extra,
+                          "--json", work / "o.json")
+    assert code == 2, (out, err)
+    assert len(err.strip().splitlines()) == 1 and err.startswith("arqc: error: "), err
+    assert list(work.iterdir()) == []  # no JSON, no state file, no cache
+
+
+BAD_COMPILE = {
+    "verify without sigma": ["--verify", "--test-data", "{data}"],
+    "sigma without test data": ["--sigma", "0.25"],
+    "test data of another shape": ["--sigma", "0.25", "--test-data", "{rgb}"],
+    "sigma 0": ["--sigma", "0", "--test-data", "{data}"],
+    "max-disagreement > 1": ["--sigma", "0.25", "--verify", "--test-data", "{data}",
+                             "--max-disagreement", "2"],
+    "alpha 1": ["--sigma", "0.25", "--test-data", "{data}", "--alpha", "1"],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_COMPILE))
+def test_bad_compile_verify_input_is_one_line_and_writes_nothing(case, files, tmp_path, capsys):
+    work = tmp_path / "out"
+    work.mkdir()
+    rgb = _npz(tmp_path / "rgb.npz", np.zeros((2, 32, 32, 3), np.uint8), np.zeros(2, np.int64))
+    extra = [a.format(data=files["data"], rgb=rgb) for a in BAD_COMPILE[case]]
+    code, out, err = arqc(capsys, "compile", files["model"], "--bits", "8", "--data", files["data"], "-o",
+                          work / "q.onnx", "--report", work / "r.json", *extra)
+    assert code == 2, (out, err)
+    assert len(err.strip().splitlines()) == 1 and err.startswith("arqc: error: "), err
+    assert list(work.iterdir()) == []

@@ -1,0 +1,127 @@
+"""The bit-allocation search: environment, budget wall, baselines, DDPG agent, resumable loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arqc.errors import ArqcError
+from passes.search.agent import DDPGConfig
+from passes.search.baselines import greedy_policy, uniform_policy
+from passes.search.budget import LayerSpec, bitops, check_budget, enforce_budget, fp32_bitops, parse_budget
+from passes.search.env import STATE_DIM, BitAllocationEnv, action_to_bits
+from passes.search.loop import ddpg_search, random_search
+
+
+def _layers(n: int = 5) -> list[LayerSpec]:
+    return [LayerSpec(f"l{i}", i, 16 * (i + 1), 16 * (i + 2), 3, 1 + (i % 2), False, 100 * (i + 1), 64, 1000 * (i + 1))
+            for i in range(n)]
+
+
+def test_action_to_bits_uses_equal_bins_over_the_range():
+    bits = [action_to_bits(a / 1000, 2, 8) for a in range(1001)]
+    assert min(bits) == 2 and max(bits) == 8
+    counts = [bits.count(b) for b in range(2, 9)]
+    assert max(counts) - min(counts) <= 2  # seven equal-width bins
+
+
+def test_parse_budget():
+    assert parse_budget("1.5%") == pytest.approx(0.015)
+    assert parse_budget("0.03") == pytest.approx(0.03)
+    with pytest.raises(ArqcError):
+        parse_budget("cheap")
+
+
+def test_budget_wall_meets_budget_lowers_from_the_back_and_keeps_fixed_layers():
+    layers = _layers()
+    policy = {layer.name: (8, 8) for layer in layers}
+    walled = enforce_budget(layers, policy, 0.02, fixed={"l0": 8})
+    assert bitops(layers, walled) <= 0.02 * fp32_bitops(layers)
+    assert walled["l0"] == (8, 8)
+    assert walled["l4"][0] <= walled["l1"][0]  # the wall starts from the last layer
+    assert enforce_budget(layers, walled, 0.02, fixed={"l0": 8}) == walled  # already within budget: unchanged
+
+
+def test_budget_checks_name_the_problem():
+    layers = _layers()
+    with pytest.raises(ArqcError, match="below what 2-bit"):
+        check_budget(layers, 0.001, 2, {})
+    with pytest.raises(ArqcError, match="below 100%"):
+        check_budget(layers, 1.5, 2, {})
+    check_budget(layers, 0.015625, 2, {})
+
+
+def test_uniform_policy_is_the_highest_that_fits():
+    layers = _layers()
+    assert set(uniform_policy(layers, 1 / 64, fixed={}).values()) == {(4, 4)}
+    assert set(uniform_policy(layers, 1 / 64 - 1e-6, fixed={}).values()) == {(3, 3)}
+
+
+def test_greedy_spends_bits_where_sensitivity_is_high():
+    layers = _layers(3)
+    # layer l1 is very sensitive, others not at all
+    sens = {(layer.name, kind, b): (10.0 / b if layer.name == "l1" else 0.0)
+            for layer in layers for kind in (0, 1) for b in range(2, 9)}
+    policy = greedy_policy(layers, 0.03, sens)
+    assert bitops(layers, policy) <= 0.03 * fp32_bitops(layers)
+    assert policy["l1"][0] > policy["l0"][0] and policy["l1"][0] > policy["l2"][0]
+
+
+def test_environment_episode_shape_and_state():
+    env = BitAllocationEnv(_layers(), 0.03, fixed={"l0": 8, "l4": 8})
+    s = env.reset()
+    assert s.shape == (STATE_DIM,) and env.steps == 6
+    done, steps = False, 0
+    while not done:
+        s, done = env.step(0.99)
+        steps += 1
+    assert steps == 6
+    policy = env.policy()
+    assert policy["l0"] == (8, 8) and policy["l4"] == (8, 8) and list(policy) == [f"l{i}" for i in range(5)]
+    assert bitops(env.layers, policy) <= 0.03 * fp32_bitops(env.layers)
+
+
+def _toy_reward(policy):
+    """Prefers bits on the largest layer (l4): a signal the agent can learn."""
+    return policy["l3"][0] + policy["l3"][1] - 0.2 * (policy["l1"][0] + policy["l1"][1]), {}
+
+
+def test_ddpg_learns_a_toy_preference():
+    env = BitAllocationEnv(_layers(), 0.2)
+    log = ddpg_search(env, _toy_reward, 45, DDPGConfig(warmup=15, seed=3, batch_size=32), progress=False)
+    random_phase = sum(e["reward"] for e in log.episodes[:15]) / 15
+    learned = sum(e["reward"] for e in log.episodes[-10:]) / 10
+    assert learned > random_phase + 1.0
+
+
+@pytest.mark.parametrize("kind", ["ddpg", "random"])
+def test_interrupted_search_resumes_to_the_same_result(tmp_path, kind):
+    env = BitAllocationEnv(_layers(), 0.05)
+    config = DDPGConfig(warmup=3, seed=1, batch_size=16)
+
+    def run(reward, state):
+        if kind == "ddpg":
+            return ddpg_search(env, reward, 8, config, state, progress=False)
+        return random_search(env, reward, 8, 1, state, progress=False)
+
+    whole = run(_toy_reward, tmp_path / "whole.pt")
+    calls = []
+
+    def interrupted(policy):
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # the user stops the run during episode 6
+        calls.append(policy)
+        return _toy_reward(policy)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(interrupted, tmp_path / "state.pt")
+    assert len(torch.load(tmp_path / "state.pt", weights_only=True)["log"]) == 5
+    resumed = run(_toy_reward, tmp_path / "state.pt")
+    assert resumed.episodes == whole.episodes
+
+
+def test_resume_with_other_arguments_is_refused(tmp_path):
+    env = BitAllocationEnv(_layers(), 0.05)
+    random_search(env, _toy_reward, 2, 0, tmp_path / "s.pt", progress=False)
+    with pytest.raises(ArqcError, match="other arguments"):
+        random_search(env, _toy_reward, 2, 1, tmp_path / "s.pt", progress=False)
