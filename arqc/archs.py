@@ -157,15 +157,24 @@ def get_arch(name: str) -> Arch:
         module_name, _, attr = name.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ArqcError(f"cannot import arch factory '{name}': {err}; give package.module:callable "
+        except Exception as err:  # importing runs the user's code: any exception is theirs
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ArqcError(f"cannot import arch factory '{name}': {reason}; give package.module:callable "
                             "importable from the current environment") from None
         return Arch(name, factory, None, None)
     raise ArqcError(f"unknown arch '{name}'; choose one of {', '.join(ARCHS)} or give package.module:factory")
 
 
 def build(name: str) -> nn.Module:
-    model = get_arch(name).factory()
+    arch = get_arch(name)
+    try:
+        model = arch.factory()
+    except Exception as err:  # a user factory's own failure
+        if name in ARCHS:
+            raise
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ArqcError(f"arch factory '{name}' failed: {type(err).__name__}: {reason}; "
+                        "fix the factory so that it builds the model without arguments") from None
     if not isinstance(model, nn.Module):
         raise ArqcError(f"arch factory '{name}' returned {type(model).__name__}, not a torch.nn.Module")
     return model.eval()

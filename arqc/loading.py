@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,12 +52,18 @@ def load_model(path: str | None, arch: str | None = None, trust_pickle: bool = F
     try:
         obj = torch.load(p, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        # torch says "Weights only load failed" for any refused opcode, also in random bytes; only a
+        # refused global or function call means that the file holds pickled objects
+        if "Unsupported global" in str(err) or "unrecognized function" in str(err):
             raise ArqcError(f"{path} holds pickled Python objects (a full nn.Module?) that loading would "
                             "execute; pass --trust-pickle only if you trust the file, or save a state_dict "
                             "instead") from None
-        raise ArqcError(f"cannot read {path}: the file is corrupt or truncated ({_first_line(err)})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise ArqcError(f"cannot read {path}: the file is corrupt or truncated "
+                        "(not pickle data that torch.load can read)") from None
+    except (ImportError, AttributeError) as err:  # trusted pickle of a class that cannot be imported here
+        raise ArqcError(f"cannot unpickle {path}: {_first_line(err)}; make the model's code importable "
+                        "(PYTHONPATH), or save a state_dict and pass --arch") from None
+    except Exception as err:  # whatever a damaged file makes the unpickler raise (EOFError, KeyError, ...)
         raise ArqcError(f"cannot read {path}: the file is corrupt, truncated or not a PyTorch file "
                         f"({_first_line(err)})") from None
     if isinstance(obj, nn.Module):

@@ -34,9 +34,10 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example: torch.Tens
     if isinstance(model, torch.export.ExportedProgram):
         gm = model.module()  # unlifted: parameters become get_attr nodes; already in inference form
         gm.graph.set_codegen(torch.fx.graph.CodeGen())  # plain tensors in and out, no pytree specs
+        _propagate(gm, _export_example(gm, example))
     else:
         gm = _trace(copy.deepcopy(model).eval())
-    _propagate(gm, example)
+        _propagate(gm, example)
     _canonicalize(gm)
     gm.graph.eliminate_dead_code()
     leftover = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")
@@ -63,6 +64,16 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
             f"cannot trace {type(model).__name__}: {reason}{where}; move that code into a submodule that "
             "torch.fx treats as a leaf (and add an op rule for it in passes/ops.py), or export the model "
             "with torch.export.export and pass the .pt2 file") from None
+
+
+def _export_example(gm: torch.fx.GraphModule, example: torch.Tensor) -> torch.Tensor:
+    """``example`` repeated to the batch size a program was exported with, when that size is static: its
+    guards and reshapes only accept that size until canonicalization makes the graph batch-agnostic."""
+    val = next(n for n in gm.graph.nodes if n.op == "placeholder").meta.get("val")
+    batch = val.shape[0] if val is not None and val.dim() == example.dim() else None
+    if isinstance(batch, int) and batch != example.shape[0] and example.shape[0] == 1:
+        return example.expand(batch, *example.shape[1:]).contiguous()
+    return example
 
 
 def _user_frame(err: BaseException) -> str:
@@ -216,8 +227,8 @@ def _make_layer_module(gm: torch.fx.GraphModule, node: torch.fx.Node, rule: ops.
         if isinstance(padding, str):
             raise ArqcError(f"conv node '{node.name}' uses padding={padding!r}; use explicit padding")
         module = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-                           stride=tuple(ops._pair(stride or [1])), padding=tuple(ops._pair(padding or [0])),
-                           dilation=tuple(ops._pair(dilation or [1])), groups=groups, bias=bias is not None)
+                           stride=ops._as_tuple(stride or 1), padding=ops._as_tuple(padding or 0),
+                           dilation=ops._as_tuple(dilation or 1), groups=groups, bias=bias is not None)
     with torch.no_grad():
         module.weight.copy_(weight)
         if bias is not None:

@@ -1,0 +1,141 @@
+"""How exactly onnxruntime computes what arqc's torch simulation computes: the agreement table.
+
+For each model × policy × scales, the simulated (fake-quantized) torch model and its QDQ ONNX lowering run
+on the same noisy inputs (clean test image + N(0, σ²) in pixel space); onnxruntime (CPU) runs at
+ORT_DISABLE_ALL and at ORT_ENABLE_ALL (fused integer kernels). Columns: top-1 agreement with torch, and the
+median and max of the relative logit difference |ort − torch| / max_k |torch_k| (per image) over all logits.
+
+    python bench/equivalence.py                  # ResNet-20 (akamaster weights) and MobileNetV2
+    python bench/equivalence.py --mbv2-size 64   # a faster MobileNetV2 run
+
+ResNet-20 uses akamaster's CIFAR-10 weights and CIFAR-10 images from ../shared/data; MobileNetV2 has random
+weights (BatchNorm statistics measured on the calibration images) and sees the same CIFAR images resized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+
+from arqc import archs
+from arqc.data import load_images
+from arqc.loading import load_model
+from passes.analysis import analyze
+from passes.capture import capture
+from passes.lower import lower
+from passes.meta import info, quantizable_nodes
+from passes.policy import apply_policy, uniform
+from passes.quantize import simulate
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+          "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def mixed_policy(gm: torch.fx.GraphModule, seed: int = 0) -> dict[str, tuple[int, int]]:
+    """Random per-layer (w_bits, a_bits) in 2..8."""
+    rng = np.random.default_rng(seed)
+    return {info(n).layer: (int(rng.integers(2, 9)), int(rng.integers(2, 9))) for n in quantizable_nodes(gm)}
+
+
+def ort_logits(onnx_bytes: bytes, x: np.ndarray, level: str, threads: int, batch: int = 250) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = LEVELS[level]
+    so.intra_op_num_threads = threads
+    session = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {"input": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def torch_logits(model, x: torch.Tensor, batch: int = 250) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)]).numpy()
+
+
+def compare(ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float]:
+    """Top-1 agreement, median and max relative logit difference."""
+    rel = np.abs(out - ref) / np.abs(ref).max(axis=1, keepdims=True)
+    return float((out.argmax(1) == ref.argmax(1)).mean()), float(np.median(rel)), float(rel.max())
+
+
+def settle_batchnorm(model: torch.nn.Module, images: torch.Tensor) -> torch.nn.Module:
+    """Random BatchNorm affine parameters and running statistics measured on ``images`` (see tests)."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.uniform_(-0.2, 0.2, generator=g)
+    model.train()
+    with torch.no_grad():
+        model(images)
+    return model.eval()
+
+
+def setups(args) -> list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor]]:
+    """(label, model, calibration images, noisy test inputs) per model."""
+    train = load_images(f"npz:{args.data / 'cifar10/train_first2000_lossless.npz'}").x[:args.calib]
+    test = load_images(f"npz:{args.data / 'cifar10/test_first1000_lossless.npz'}").x
+    g = torch.Generator().manual_seed(0)
+    out = []
+    if "resnet20" in args.models:
+        weights = args.data / "weights/akamaster-resnet-cifar10/resnet20-12fca82f.th"
+        model = load_model(str(weights), "resnet20").model
+        x = test[:args.n] + args.sigma * torch.randn(test[:args.n].shape, generator=g)
+        out.append(("ResNet-20 (akamaster) 32x32", model, train, x))
+    if "mobilenet_v2" in args.models:
+        size = args.mbv2_size
+        calib = F.interpolate(train, size=(size, size), mode="bilinear", align_corners=False)
+        clean = F.interpolate(test[:args.mbv2_n], size=(size, size), mode="bilinear", align_corners=False)
+        torch.manual_seed(0)
+        model = settle_batchnorm(archs.build("mobilenet_v2"), calib[:64])
+        x = clean + args.sigma * torch.randn(clean.shape, generator=g)
+        out.append((f"MobileNetV2 (random) {size}x{size}", model, calib, x))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=SHARED, help="the shared data folder")
+    parser.add_argument("--n", type=int, default=1000, help="noisy inputs for ResNet-20")
+    parser.add_argument("--mbv2-n", type=int, default=1000, help="noisy inputs for MobileNetV2")
+    parser.add_argument("--mbv2-size", type=int, default=224, help="MobileNetV2 input resolution")
+    parser.add_argument("--calib", type=int, default=256, help="calibration images (clean training images)")
+    parser.add_argument("--sigma", type=float, default=0.25)
+    parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
+    parser.add_argument("--models", default="resnet20,mobilenet_v2")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"onnxruntime {ort.__version__} CPU, torch {torch.__version__}, sigma={args.sigma} (pixel space), "
+          f"calibration: {args.calib} clean CIFAR-10 training images, threads={args.threads}")
+    print("rel = |ort - torch| / max_k |torch_k| per image, over all logits; agree = top-1 agreement")
+    head = (f"{'model':<30} {'policy':<7} {'scales':<6} {'ORT level':<9} {'n':>5} {'agree':>8} "
+            f"{'median rel':>11} {'max rel':>9}")
+    print(head)
+    print("-" * len(head))
+    for label, model, calib, x in setups(args):
+        gm = analyze(capture(model, x[:1]))
+        policies = {"W8A8": uniform(gm, 8, 8), "W4A4": uniform(gm, 4, 4), "mixed": mixed_policy(gm)}
+        for pname, policy in policies.items():
+            apply_policy(gm, policy)
+            for scales in ("float", "po2"):
+                start = time.perf_counter()
+                sim = simulate(gm, [calib[i:i + 128] for i in range(0, len(calib), 128)], scales=scales)
+                onnx_bytes = lower(sim, {}).SerializeToString()
+                ref = torch_logits(sim, x)
+                for level in LEVELS:
+                    agree, med, mx = compare(ref, ort_logits(onnx_bytes, x.numpy(), level, args.threads))
+                    print(f"{label:<30} {pname:<7} {scales:<6} {level:<9} {len(x):>5} {100 * agree:>7.1f}% "
+                          f"{med:>11.1e} {mx:>9.1e}", flush=True)
+                print(f"{'':<30} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
