@@ -98,6 +98,7 @@ class QuantLayer:
         self.observed: tuple[float, float] | None = None
         self.calibrating = False
         self.method = "minmax"
+        self.fixed_weight_scale: torch.Tensor | None = None  # set when rebuilt from a lowered model
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_bits >= FP32:
@@ -113,6 +114,8 @@ class QuantLayer:
         return fake_quant(x, a.scale, a.zero_point, a.qmin, a.qmax)
 
     def weight_scale(self) -> torch.Tensor:
+        if self.fixed_weight_scale is not None:
+            return self.fixed_weight_scale
         return weight_scale(self.weight, self.w_bits, self.scales)
 
     def effective_weight(self) -> torch.Tensor:

@@ -1,0 +1,70 @@
+"""Rebuild the simulated (fake-quantized) graph of an ONNX model that arqc lowered, from the file itself.
+
+The metadata gives the policy, each layer's activation quantizer and the model's source (checkpoint and
+arch, for the graph's structure); the weights, weight scales and biases are read back from the ONNX
+initializers, so a fine-tuned model is rebuilt as it was deployed, with its scales exactly as stored.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+import torch.fx
+from onnx import numpy_helper
+
+from arqc.errors import ArqcError
+from arqc.pipeline import prepare
+from passes.lower import read_metadata
+from passes.meta import ActQuant, info, quantizable_nodes
+from passes.policy import apply_policy
+from passes.quantize import simulate
+
+
+def simulation_from_onnx(path: str, source: str | None = None, trust_pickle: bool = False
+                         ) -> tuple[torch.fx.GraphModule, dict]:
+    """(simulated graph, arqc metadata) of an arqc ONNX model; ``source`` overrides the recorded checkpoint."""
+    try:
+        model = onnx.load(path)
+    except Exception as err:  # DecodeError, OSError, ...
+        raise ArqcError(f"cannot read {path} as an ONNX model ({type(err).__name__}); check the path") from None
+    meta = read_metadata(model)
+    if "arqc.settings" not in meta or "arqc.layers" not in meta:
+        raise ArqcError(f"{path} was not lowered by arqc (no arqc metadata); give the model it came from "
+                        "with --arch and --policy/--bits instead")
+    settings = meta["arqc.settings"]
+    src = source or settings.get("source")
+    prep = prepare(src, settings.get("arch"), trust_pickle, tuple(settings["input_shape"]))
+    apply_policy(prep.gm, {k: (v["w_bits"], v["a_bits"]) for k, v in meta["arqc.policy"].items()})
+    sim = simulate(prep.gm, [torch.zeros(1, *settings["input_shape"])], scales=settings.get("scales", "float"))
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {out: n for n in model.graph.node for out in n.output}
+    by_name = {n.name: n for n in model.graph.node}
+    for node in quantizable_nodes(sim):
+        layer = info(node).layer
+        m = sim.get_submodule(node.target)
+        if layer in meta["arqc.calibration"]:
+            m.act = info(node).act = ActQuant(**meta["arqc.calibration"][layer])
+        onnx_node = by_name[meta["arqc.layers"][layer]]
+        weight, scale = _operand(onnx_node.input[1], values, producers)
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(weight).reshape(m.weight.shape))
+            if scale is not None:
+                m.fixed_weight_scale = torch.from_numpy(scale).reshape((-1,) + (1,) * (m.weight.dim() - 1))
+            if len(onnx_node.input) > 2 and onnx_node.input[2]:
+                m.bias.copy_(torch.from_numpy(_operand(onnx_node.input[2], values, producers)[0]))
+    return sim, meta
+
+
+def _operand(name: str, values: dict, producers: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """A layer input as float32 (and its per-channel scale when it comes from a DequantizeLinear)."""
+    if name in values:
+        return values[name].astype(np.float32), None
+    dq = producers[name]
+    if dq.op_type != "DequantizeLinear":
+        raise ArqcError(f"unexpected {dq.op_type} feeding a layer; the ONNX model was changed after arqc wrote it")
+    q = values[dq.input[0]].astype(np.int64)
+    scale = values[dq.input[1]].astype(np.float32)
+    zero = values[dq.input[2]].astype(np.int64) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale)
+    shape = (-1,) + (1,) * (q.ndim - 1)
+    return ((q - zero.reshape(shape)).astype(np.float32) * scale.reshape(shape)).astype(np.float32), scale
