@@ -7,7 +7,7 @@ An entry (an :class:`OpRule` subclass, registered with :func:`register`) says
 - how many MACs and parameters it has (``macs``, ``params``);
 - whether its output is non-negative (``nonneg``: decides unsigned activation ranges);
 - how it lowers to ONNX (``lower``);
-- how interval bounds pass through it (``interval``, DESIGN §4).
+- how interval bounds pass through it (``interval``, DESIGN §4; :meth:`OpRule.interval` has two modes).
 
 In the canonical IR a quantizable layer (conv2d, linear) is a ``call_module`` node and every other op is a
 ``call_function`` node whose target is the entry's ``fn`` with normalized positional arguments.
@@ -84,19 +84,76 @@ class OpRule:
         with every fx Node replaced by the name of its ONNX value. Returns the output's name."""
         raise NotImplementedError(self.kind)
 
-    def interval(self, node: torch.fx.Node, module: nn.Module | None, lo: list, hi: list) -> tuple:
-        """Sound element-wise bounds of the output. ``lo``/``hi`` are the node's arguments with every tensor
-        input replaced by its lower/upper bound (constants appear as themselves in both)."""
+    def interval(self, node: torch.fx.Node, module: nn.Module | None, lo: list, hi: list,
+                 sound: bool = True) -> tuple:
+        """Element-wise bounds of the output. ``lo``/``hi`` are the node's arguments with every tensor input
+        replaced by its lower/upper bound (constants appear as themselves in both).
+
+        ``sound=True``: the bounds enclose what the *float32* forward of the simulation computes (in any
+        summation order). They are computed in the dtype of ``lo`` (float64 or float32), and each rule widens
+        its result by the a-priori rounding error of the float32 op plus that of its own arithmetic
+        (:func:`rounding_margin`). ``sound=False``: plain IBP, differentiable (through the straight-through
+        quantizers), no margins: for training."""
         raise NotImplementedError(self.kind)
 
 
+def has_interval(rule: OpRule) -> bool:
+    return type(rule).interval is not OpRule.interval
+
+
+# -- rounding margins for sound bounds ------------------------------------------------------------------
+U32, U64 = 2.0**-24, 2.0**-53  # unit roundoff of float32 and float64
+TINY = 2.0**-126  # per-op absolute error from underflow (subnormals or flush-to-zero) in float32
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u of the dtype sound bounds are computed in."""
+    if dtype not in (torch.float32, torch.float64):
+        raise NotImplementedError(f"sound bounds in {dtype} (use float32 or float64)")
+    return U32 if dtype == torch.float32 else U64
+
+
+def rounding_margin(terms: int, dtype: torch.dtype = torch.float64) -> float:
+    """Relative a-priori error of a float32 sum of ``terms`` products (any order, FMA or not), plus the
+    error of computing the bound itself in ``dtype`` (a few more operations): γ_n(float32) + γ_(n+4)(dtype)
+    (Higham, Accuracy and Stability of Numerical Algorithms, §3.1)."""
+    u = unit_roundoff(dtype)
+    return terms * U32 / (1 - terms * U32) + (terms + 4) * u / (1 - (terms + 4) * u)
+
+
+def _u(*values) -> float:
+    """Unit roundoff of the bounds among ``values`` (tensors or numbers)."""
+    return unit_roundoff(next(v.dtype for v in values if isinstance(v, torch.Tensor)))
+
+
+def _widen(lo, hi, error, sound: bool) -> tuple:
+    """[lo - e, hi + e] with e = error() (an element-wise bound on the rounding error) when ``sound``."""
+    if not sound:
+        return lo, hi
+    e = error()
+    return lo - e, hi + e
+
+
+def _abs_max(lo, hi):
+    """max |x| over [lo, hi], element-wise (numbers allowed)."""
+    if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
+        return torch.maximum(torch.as_tensor(lo).abs(), torch.as_tensor(hi).abs())
+    return max(abs(lo), abs(hi))
+
+
+def _f32(value: float | None) -> float | None:
+    """A float constant as the float32 forward sees it."""
+    return None if value is None else float(np.float32(value))
+
+
 class _PassThrough(OpRule):
-    """Monotone non-decreasing in its (single) tensor input: non-negativity and intervals pass through."""
+    """Monotone non-decreasing in its (single) tensor input and computed without rounding (a selection or
+    rearrangement of its input's values): non-negativity and intervals pass through exactly."""
 
     def nonneg(self, node, inputs_nonneg):
         return inputs_nonneg[0]
 
-    def interval(self, node, module, lo, hi):
+    def interval(self, node, module, lo, hi, sound=True):
         return self.fn(*lo), self.fn(*hi)
 
 
@@ -122,8 +179,8 @@ class Conv2dRule(OpRule):
                      dilations=list(m.dilation), group=m.groups)
         return b.op("Conv", [x, w] + ([bias] if bias else []), node.name, **attrs)
 
-    def interval(self, node, module, lo, hi):
-        return _affine_interval(module, lo[0], hi[0], module._conv_forward)
+    def interval(self, node, module, lo, hi, sound=True):
+        return _affine_interval(module, lo[0], hi[0], module._conv_forward, sound)
 
 
 @register
@@ -139,17 +196,57 @@ class LinearRule(OpRule):
         x, w, bias = b.layer_operands(node, args[0])
         return b.op("Gemm", [x, w] + ([bias] if bias else []), node.name, transB=1)
 
-    def interval(self, node, module, lo, hi):
-        return _affine_interval(module, lo[0], hi[0], F.linear)
+    def interval(self, node, module, lo, hi, sound=True):
+        return _affine_interval(module, lo[0], hi[0], F.linear, sound)
 
 
-def _affine_interval(module, lo, hi, affine):
-    """Bounds of a (simulated-quantized) conv/linear layer in centre/radius form (DESIGN §4): the input
-    quantizer is monotone, so [lo, hi] maps to [q(lo), q(hi)]; then W·c + b ± |W|·r."""
-    lo, hi = module.quantize_input(lo), module.quantize_input(hi)
-    weight, bias = module.effective_weight(), module.effective_bias()
+def layer_operands(module: nn.Module, lo, hi, sound: bool) -> tuple:
+    """Bounds of a conv/linear layer's (quantized) input and its effective weight and bias. A QuantLayer's
+    input quantizer is monotone, so [lo, hi] maps to [q(lo), q(hi)] (DESIGN §4); float layers pass through.
+    Sound mode: in the bounds' dtype, detached; training mode: the straight-through quantizers."""
+    quant = hasattr(module, "quantize_input")
+    if not sound:
+        if quant:
+            return module.quantize_input(lo), module.quantize_input(hi), module.effective_weight(), \
+                module.effective_bias()
+        return lo, hi, module.weight, module.bias
+    with torch.no_grad():
+        weight = (module.effective_weight() if quant else module.weight).to(lo.dtype)
+        bias = module.effective_bias() if quant else module.bias
+        bias = None if bias is None else bias.to(lo.dtype)
+        if quant and module.act is not None and module.a_bits < 32:
+            lo, hi = _quantizer_interval(module.act, lo, hi)
+    return lo, hi, weight, bias
+
+
+def _quantizer_interval(act, lo: torch.Tensor, hi: torch.Tensor) -> tuple:
+    """Sound bounds of the float32 fake-quantizer (clamp(round(x/s) + z) - z)·s over [lo, hi].
+    The float32 forward computes x/s with at most 3 roundings (s to float32, then a division, or a
+    reciprocal and a product on some devices), so round() sees x/s·(1 ± 3u): the argument is widened by
+    8u (plus two roundings of this computation) before rounding, which is monotone (half to even). The
+    dequantized value (q - z)·s is one float32 product with float32(s) (2 roundings): widened by 3u (plus
+    ours). Every margin here and below keeps one spare rounding for second-order terms."""
+    def q(t):
+        return torch.clamp(torch.round(t) + act.zero_point, act.qmin, act.qmax) - act.zero_point
+
+    u = unit_roundoff(lo.dtype)
+    t_lo, t_hi = lo / act.scale, hi / act.scale
+    q_lo, q_hi = q(t_lo - (8 * U32 + 2 * u) * t_lo.abs()), q(t_hi + (8 * U32 + 2 * u) * t_hi.abs())
+    x_lo, x_hi = q_lo * act.scale, q_hi * act.scale
+    return x_lo - (3 * U32 + 2 * u) * x_lo.abs(), x_hi + (3 * U32 + 2 * u) * x_hi.abs()
+
+
+def _affine_interval(module, lo, hi, affine, sound: bool = True):
+    """Bounds of a (simulated-quantized) conv/linear layer in centre/radius form (DESIGN §4):
+    [q(lo), q(hi)] through the input quantizer, then W·c + b ± |W|·r. Sound mode adds the float32
+    accumulation error γ_n·(|W|·max|x| + |b|) over the n = fan-in + 1 terms of each output."""
+    lo, hi, weight, bias = layer_operands(module, lo, hi, sound)
     centre = affine((hi + lo) / 2, weight, bias)
     radius = affine((hi - lo) / 2, weight.abs(), None)
+    if sound:
+        terms = weight[0].numel() + 1
+        magnitude = affine(_abs_max(lo, hi), weight.abs(), None if bias is None else bias.abs())
+        radius = radius + rounding_margin(terms, lo.dtype) * magnitude + terms * TINY
     return centre - radius, centre + radius
 
 
@@ -184,14 +281,15 @@ class ReluRule(_PassThrough):
 @register
 class ClampRule(_PassThrough):
     kind = "clamp"
-    sources = (nn.ReLU6, nn.Hardtanh, F.relu6, F.hardtanh, torch.clamp, aten.hardtanh.default,
-               aten.hardtanh_.default, aten.clamp.default, "clamp")
+    sources = (nn.ReLU6, nn.Hardtanh, F.relu6, F.hardtanh, torch.clamp, aten.relu6.default,
+               aten.relu6_.default, aten.hardtanh.default, aten.hardtanh_.default, aten.clamp.default,
+               "clamp")
     fn = staticmethod(clamp)
 
     def canonical_args(self, node, module):
         if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
             return (node.args[0], float(module.min_val), float(module.max_val))
-        if node.target is F.relu6:
+        if node.target in (F.relu6, aten.relu6.default, aten.relu6_.default):
             return (node.args[0], 0.0, 6.0)
         args = list(node.args) + [None] * 3
         if node.target in (F.hardtanh, aten.hardtanh.default, aten.hardtanh_.default):
@@ -203,6 +301,11 @@ class ClampRule(_PassThrough):
 
     def nonneg(self, node, inputs_nonneg):
         return inputs_nonneg[0] or (node.args[1] is not None and node.args[1] >= 0)
+
+    def interval(self, node, module, lo, hi, sound=True):
+        _, low, high = node.args  # the float32 forward clamps at the float32 constants
+        low, high = (_f32(low), _f32(high)) if sound else (low, high)
+        return clamp(lo[0], low, high), clamp(hi[0], low, high)
 
     def lower(self, b, node, args):
         _, lo, hi = node.args
@@ -254,8 +357,18 @@ class AddRule(_Binary):
     def nonneg(self, node, inputs_nonneg):
         return all(inputs_nonneg)
 
-    def interval(self, node, module, lo, hi):
-        return lo[0] + lo[1], hi[0] + hi[1]
+    def interval(self, node, module, lo, hi, sound=True):
+        return _widen(lo[0] + lo[1], hi[0] + hi[1], lambda: _sum_error(lo, hi), sound)
+
+
+def _product_error(low, high):
+    """Rounding error of a float32 a·b or a/b (at most three roundings, with a constant's), and of ours."""
+    return (4 * U32 + 2 * _u(low)) * _abs_max(low, high) + TINY
+
+
+def _sum_error(lo, hi):
+    """Rounding error of a float32 a ± b (one rounding, and a constant rounded to float32), and of ours."""
+    return (3 * U32 + 2 * _u(*lo)) * (_abs_max(lo[0], hi[0]) + _abs_max(lo[1], hi[1])) + TINY
 
 
 @register
@@ -264,8 +377,8 @@ class SubRule(_Binary):
     sources = (operator.sub, torch.sub, aten.sub.Tensor, "sub")
     fn = staticmethod(sub)
 
-    def interval(self, node, module, lo, hi):
-        return lo[0] - hi[1], hi[0] - lo[1]
+    def interval(self, node, module, lo, hi, sound=True):
+        return _widen(lo[0] - hi[1], hi[0] - lo[1], lambda: _sum_error(lo, hi), sound)
 
 
 @register
@@ -277,9 +390,11 @@ class MulRule(_Binary):
     def nonneg(self, node, inputs_nonneg):
         return all(inputs_nonneg)
 
-    def interval(self, node, module, lo, hi):
-        products = torch.stack([lo[0] * lo[1], lo[0] * hi[1], hi[0] * lo[1], hi[0] * hi[1]])
-        return products.min(0).values, products.max(0).values
+    def interval(self, node, module, lo, hi, sound=True):
+        products = torch.stack(torch.broadcast_tensors(lo[0] * lo[1], lo[0] * hi[1], hi[0] * lo[1],
+                                                       hi[0] * hi[1]))
+        low, high = products.min(0).values, products.max(0).values
+        return _widen(low, high, lambda: _product_error(low, high), sound)
 
 
 @register
@@ -291,10 +406,13 @@ class DivRule(_Binary):
     def nonneg(self, node, inputs_nonneg):
         return all(inputs_nonneg)
 
-    def interval(self, node, module, lo, hi):
-        if not bool((lo[1] > 0).all()):
+    def interval(self, node, module, lo, hi, sound=True):
+        if not bool((torch.as_tensor(lo[1]) > 0).all()):
             raise NotImplementedError("division by an interval that contains 0 or negatives")
-        return MulRule.interval(self, node, module, [lo[0], 1 / hi[1]], [hi[0], 1 / lo[1]])
+        quotients = torch.stack(torch.broadcast_tensors(lo[0] / lo[1], lo[0] / hi[1], hi[0] / lo[1],
+                                                        hi[0] / hi[1]))
+        low, high = quotients.min(0).values, quotients.max(0).values
+        return _widen(low, high, lambda: _product_error(low, high), sound)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -361,6 +479,11 @@ class MaxPoolRule(_PassThrough):
                     pads=[p[0], p[1], p[0], p[1]], dilations=list(d), ceil_mode=int(ceil))
 
 
+def _mean_error(pool, terms: int, lo: list, hi: list):
+    """Rounding error of a float32 average of at most ``terms - 1`` values: γ·(the average of |x|)."""
+    return rounding_margin(terms, lo[0].dtype) * pool(_abs_max(lo[0], hi[0]), *lo[1:]) + TINY
+
+
 @register
 class AvgPoolRule(_PassThrough):
     kind = "avg_pool2d"
@@ -378,6 +501,10 @@ class AvgPoolRule(_PassThrough):
         return (node.args[0], k, _as_tuple(vals.get("stride") or k), _as_tuple(vals.get("padding", 0)),
                 bool(vals.get("ceil_mode", False)), bool(vals.get("count_include_pad", True)))
 
+    def interval(self, node, module, lo, hi, sound=True):  # a mean: monotone, k terms and a division
+        terms = node.args[1][0] * node.args[1][1] + 1
+        return _widen(self.fn(*lo), self.fn(*hi), lambda: _mean_error(self.fn, terms, lo, hi), sound)
+
     def lower(self, b, node, args):
         _, k, s, p, ceil, cip = node.args
         return b.op("AveragePool", [args[0]], node.name, kernel_shape=list(k), strides=list(s),
@@ -394,6 +521,11 @@ class AdaptiveAvgPoolRule(_PassThrough):
     def canonical_args(self, node, module):
         size = module.output_size if module is not None else node.args[1]
         return (node.args[0], _as_tuple(size))
+
+    def interval(self, node, module, lo, hi, sound=True):
+        (h, w), (oh, ow) = lo[0].shape[2:], node.args[1]
+        terms = (-(-h // oh) + 1) * (-(-w // ow) + 1) + 1  # the largest adaptive window, and a division
+        return _widen(self.fn(*lo), self.fn(*hi), lambda: _mean_error(self.fn, terms, lo, hi), sound)
 
     def lower(self, b, node, args):
         h, w = b.shape(node.args[0])[2:]
@@ -445,6 +577,11 @@ class PadRule(_PassThrough):
     def nonneg(self, node, inputs_nonneg):
         return inputs_nonneg[0] and node.args[2] >= 0
 
+    def interval(self, node, module, lo, hi, sound=True):
+        x, pads, value = node.args  # the float32 forward pads with the float32 constant
+        value = _f32(value) if sound else value
+        return pad(lo[0], pads, value), pad(hi[0], pads, value)
+
     def lower(self, b, node, args):
         _, pads, value = node.args
         rank = len(b.shape(node.args[0]))
@@ -489,7 +626,7 @@ class CatRule(OpRule):
     def nonneg(self, node, inputs_nonneg):
         return all(inputs_nonneg)
 
-    def interval(self, node, module, lo, hi):
+    def interval(self, node, module, lo, hi, sound=True):
         return torch.cat(lo[0], lo[1]), torch.cat(hi[0], hi[1])
 
     def lower(self, b, node, args):
