@@ -42,6 +42,7 @@ import onnx
 import torch
 from tqdm import tqdm
 
+from arqc.cmd_ibp import certify_ibp_cli, ibp_options
 from arqc.errors import ArqcError
 from runtime.backends import OPT_LEVELS, Backend, ComparingBackend, OrtBackend, TorchBackend
 from runtime.irs import build_cache, load_cache
@@ -223,7 +224,7 @@ def certify_with_cache(backend: Backend, root: str, x: np.ndarray, y: list[int],
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, help="Labelled test images the model never saw, e.g. cifar10:DIR:test "
               "or npz:FILE (see arqc.data).")
-@click.option("--sigma", type=float, required=True, help="Noise std σ in [0, 1] pixel units.")
+@click.option("--sigma", type=float, help="Noise std σ in [0, 1] pixel units (--method rs).")
 @click.option("--n", "n", type=int, help=f"Estimation samples per image [default: {DEFAULT_N}; with "
               "--irs-cache: the cache's n].")
 @click.option("--n0", type=int, help=f"Selection samples per image [default: {DEFAULT_N0}; with --irs-cache: "
@@ -251,8 +252,10 @@ def certify_with_cache(backend: Backend, root: str, x: np.ndarray, y: list[int],
 @click.option("--trust-pickle", is_flag=True,
               help="Allow a fully pickled nn.Module (runs code from the file).")
 @click.option("--arch", help="Architecture for state_dict files: a built-in name or package.module:factory.")
+@ibp_options
 def certify(model, data, sigma, n, n0, alpha, num_images, skip, batch, seed, backend, ort_opt, threads,
-            json_path, state, irs_cache, save_irs_cache, input_shape, trust_pickle, arch):
+            json_path, state, irs_cache, save_irs_cache, input_shape, trust_pickle, arch, method, epsilon,
+            complete, timeout, bits, w_bits, a_bits, policy_path, calib_data):
     """Certify the smoothed MODEL (Cohen et al.'s CERTIFY) on --data at noise level --sigma.
 
     Prints a progress bar and a table of certified accuracy per radius, ACR, clean smoothed accuracy and
@@ -262,6 +265,17 @@ def certify(model, data, sigma, n, n0, alpha, num_images, skip, batch, seed, bac
     from arqc.cli import parse_shape, write_json
     from arqc.data import check_compatible, load_images
 
+    if method == "ibp":
+        if sigma is not None or irs_cache or save_irs_cache:
+            raise ArqcError("--sigma and IRS caches belong to --method rs; --method ibp takes --epsilon")
+        return certify_ibp_cli(model, data=data, epsilon=epsilon, complete=complete, timeout=timeout,
+                               num_images=num_images, skip=skip, json_path=json_path, arch=arch,
+                               trust_pickle=trust_pickle, input_shape=parse_shape(input_shape), bits=bits,
+                               w_bits=w_bits, a_bits=a_bits, policy_path=policy_path, calib_data=calib_data)
+    if sigma is None:
+        raise ArqcError("--method rs needs --sigma (the noise level of the smoothed classifier)")
+    if epsilon or complete or bits or w_bits or a_bits or policy_path or calib_data:
+        raise ArqcError("--epsilon, --complete, --bits/--policy and --calib-data belong to --method ibp")
     cache_header = _cache_header(irs_cache) if irs_cache else {}
     n = n if n is not None else cache_header.get("n", DEFAULT_N)
     n0 = n0 if n0 is not None else cache_header.get("n0", DEFAULT_N0)
