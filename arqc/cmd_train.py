@@ -16,8 +16,17 @@ from arqc.train import AUGMENTS, SCHEDULES, TrainConfig, prepare, resume_path, t
 @click.option("--arch", required=True,
               help="Architecture: a built-in name (resnet20, mnist_cnn, ...) or package.module:factory.")
 @click.option("--data", required=True, help="Training images, e.g. imagefolder:DIR/train or mnist:DIR:train.")
-@click.option("--sigma", required=True, type=float,
-              help="Noise std in [0, 1] pixel units (certify with the same).")
+@click.option("--method", type=click.Choice(["gaussian", "qa-ibp"]), default="gaussian", show_default=True,
+              help="gaussian: noise augmentation for smoothing (--sigma); qa-ibp: certified training of the "
+              "quantized network (--epsilon, --bits/--policy), written as ONNX.")
+@click.option("--sigma", type=float, help="Noise std in [0, 1] pixel units (certify with the same).")
+@click.option("--epsilon", help="qa-ibp: L-inf radius to train for (e.g. 0.1 or 26/255).")
+@click.option("--bits", type=int, help="qa-ibp: uniform weight and activation bits.")
+@click.option("--w-bits", type=int, help="qa-ibp: uniform weight bits.")
+@click.option("--a-bits", type=int, help="qa-ibp: uniform activation bits.")
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False), help="qa-ibp: precision policy JSON.")
+@click.option("--kappa-end", type=float, default=0.5, show_default=True,
+              help="qa-ibp: final weight of the natural loss.")
 @click.option("--epochs", required=True, type=int, help="Number of passes over the training images.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The checkpoint to write.")
@@ -40,13 +49,27 @@ from arqc.train import AUGMENTS, SCHEDULES, TrainConfig, prepare, resume_path, t
 @click.option("--device", help="cpu or cuda[:N] (default: cuda when available, else cpu).")
 @click.option("--threads", type=int, help="CPU threads for torch (default: torch's choice).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_cmd(arch, data, sigma, epochs, output, init, lr, schedule, batch_size, momentum, weight_decay,
-              augment, exclude, val, seed, resume, device, threads, no_progress):
-    """Train ARCH on DATA with Gaussian noise of std SIGMA; checkpoint every epoch, resumable."""
+def train_cmd(arch, data, method, sigma, epsilon, bits, w_bits, a_bits, policy_path, kappa_end, epochs, output,
+              init, lr, schedule, batch_size, momentum, weight_decay, augment, exclude, val, seed, resume, device,
+              threads, no_progress):
+    """Train ARCH on DATA with Gaussian noise of std SIGMA (checkpoint every epoch, resumable), or with
+    QA-IBP at a fixed precision (--method qa-ibp)."""
     if threads is not None:
         if threads < 1:
             raise ArqcError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
+    if method == "qa-ibp":
+        from arqc.qaibp_cli import train_qaibp_cli
+
+        if sigma is not None or resume or exclude or val:
+            raise ArqcError("--sigma, --resume, --exclude and --val belong to --method gaussian")
+        return train_qaibp_cli(arch=arch, data=data, epsilon=epsilon, bits=bits, w_bits=w_bits, a_bits=a_bits,
+                               policy_path=policy_path, kappa_end=kappa_end, epochs=epochs, output=output,
+                               init=init, lr=lr, batch_size=batch_size, seed=seed, device=device)
+    if sigma is None:
+        raise ArqcError("--method gaussian needs --sigma (the noise std the smoothed classifier will use)")
+    if epsilon or bits or w_bits or a_bits or policy_path:
+        raise ArqcError("--epsilon and --bits/--policy belong to --method qa-ibp")
     cfg = TrainConfig(arch=arch, data=data, sigma=sigma, epochs=epochs, output=output, init=init, lr=lr,
                       schedule=schedule, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay,
                       augment=augment, exclude=list(exclude), val=val, seed=seed,

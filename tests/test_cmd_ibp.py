@@ -87,3 +87,27 @@ def test_complete_needs_a_quantized_model(compiled, capsys):
     code, captured = _run(capsys, "certify", str(compiled / "m.pt"), "--method", "ibp", "--epsilon", "1/255",
                           "--complete", "--data", f"npz:{compiled / 'd.npz'}")
     assert code == 2 and "quantized" in captured.err
+
+
+def test_qaibp_training_writes_an_onnx_model_that_ibp_certifies(compiled, capsys):
+    out, report = compiled / "qa.onnx", compiled / "qa.json"
+    data = f"npz:{compiled / 'd.npz'}"
+    main(["train", "--method", "qa-ibp", "--arch", "mnist_cnn", "--data", data, "--epsilon", "2/255",
+          "--bits", "4", "--epochs", "1", "--batch-size", "3", "-o", str(out)])
+    main(["certify", str(out), "--method", "ibp", "--epsilon", "1/255", "--data", data, "--json", str(report)])
+    meta = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert json.loads(meta["arqc.policy"])["conv1"] == {"w_bits": 4, "a_bits": 4}
+    assert json.loads(meta["arqc.settings"])["training"]["method"] == "qa-ibp"
+    assert len(json.loads(report.read_text())["points"]) == 6
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epsilon", "2/255", "-o", "x.onnx"], "give --bits"),
+    (["--bits", "4", "-o", "x.onnx"], "needs --epsilon"),
+    (["--epsilon", "2/255", "--bits", "4", "-o", "x.pt"], "as ONNX"),
+])
+def test_qaibp_training_bad_input(compiled, capsys, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, captured = _run(capsys, "train", "--method", "qa-ibp", "--arch", "mnist_cnn", "--data",
+                          f"npz:{compiled / 'd.npz'}", "--epochs", "1", *args)
+    assert code == 2 and message in captured.err and not list(tmp_path.iterdir())
