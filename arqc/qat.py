@@ -55,7 +55,7 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
             schedule.step()
             total += len(idx)
             correct += int((logits.argmax(1) == labels[idx]).sum())
-            loss_sum += float(loss) * len(idx)
+            loss_sum += loss.item() * len(idx)
             bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
         if state_path is not None:
             state = {"model": sim.state_dict(), "opt": opt.state_dict(), "schedule": schedule.state_dict(),
