@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from linear_models import SHAPE, LinearClassifier, W
 from scipy.optimize import brentq
 from scipy.stats import binom, norm
 
@@ -18,22 +19,7 @@ from runtime.noise import Phase, noisy_batches
 from runtime.run import certify_dataset, format_table
 from runtime.smoothing import ABSTAIN, certify
 
-SHAPE = (1, 2, 2)
-W = np.array([1.0, -2.0, 0.5, 1.5])
 SIGMA, N0, N, ALPHA = 0.5, 10, 1000, 0.001
-
-
-class LinearClassifier(torch.nn.Module):
-    """f(x) = 1[w·x + b > 0]: P(f(x+ε) = 1) = Φ((w·x + b) / (σ‖w‖)); the true L2 radius is |w·x + b| / ‖w‖."""
-
-    def __init__(self, w: np.ndarray = W, b: float = 0.0) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.tensor(w, dtype=torch.float32))
-        self.b = torch.nn.Parameter(torch.tensor(float(b)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x.flatten(1) @ self.w + self.b
-        return torch.stack([torch.zeros_like(z), z], dim=1)
 
 
 def backend_of(w: np.ndarray = W, b: float = 0.0) -> TorchBackend:
