@@ -140,6 +140,10 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--quick", action="store_true", help="fewer images and samples (a smoke run)")
     parser.add_argument("--threads", type=int, default=1, help="threads of torch and onnxruntime")
+    parser.add_argument("--irs-model", default=str(ROOT / "examples" / "models" / "resnet20_cifar10_sigma050.pt"),
+                        help="model for part 3 (IRS at sigma = 0.5); default: the shipped noise-trained one")
+    parser.add_argument("--irs-images", type=int, default=8, help="test images of part 3")
+    parser.add_argument("--irs-n", type=int, default=4000, help="samples per image of the FP32 IRS cache")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     threads = args.threads
@@ -194,14 +198,18 @@ def main() -> None:
           f"2 x {macs / 1e6:.2f}M MACs = {2 * macs / 1e6:.1f} MFLOP/sample -> bound {bound:.0f} samples/s")
 
     # 3: IRS vs full RS for W8A8 at sigma = 0.5 -------------------------------------------------------------
-    sigma, n0, n_cache, seed = 0.5, 100, (1000 if quick else 4000), 0
-    irs_images = test.subset(num=6 if quick else 8)
+    sigma, n0, n_cache, seed = 0.5, 100, (1000 if quick else args.irs_n), 0
+    irs_images = test.subset(num=6 if quick else args.irs_images)
+    if Path(args.irs_model).is_file():
+        gm = prepare(args.irs_model).gm
+        fp32 = fp32_onnx(gm)
+        print(f"\n[IRS] model {args.irs_model} (trained with noise at sigma=0.5)")
     x, y, ids = irs_images.x.numpy(), [int(v) for v in irs_images.y], [int(i) for i in irs_images.ids]
     ort_batch = int(arqc_name.split("batch ")[1].rstrip(")")) if "onnxruntime" in arqc_name else 100
     f = OrtBackend(fp32, batch_size=ort_batch, intra_op_threads=threads)
     f_q = OrtBackend(w8a8_onnx(gm, load_images(f"npz:{data / TRAIN}"), sigma), batch_size=ort_batch,
                      intra_op_threads=threads)
-    print(f"\n[IRS] W8A8 ResNet-20 (activations calibrated on 512 training images + N(0, sigma^2) noise) at "
+    print(f"[IRS] W8A8 ResNet-20 (activations calibrated on 512 training images + N(0, sigma^2) noise) at "
           f"sigma={sigma}, alpha={alpha}, n0={n0}, {len(ids)} test images (ids {ids[0]}-{ids[-1]})")
     start = time.perf_counter()
     cache = build_cache(f, x, np.array(y), ids, sigma=sigma, n0=n0, n=n_cache, alpha=alpha,
