@@ -1,0 +1,70 @@
+"""The staged ARQ driver (arqc/arq.py): an interrupted run resumed with the same arguments gives the same
+result as an uninterrupted one, and a resume with other arguments is refused."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from arqc import archs
+from arqc.arq import Run, SearchSettings
+from arqc.data import load_images
+from arqc.errors import ArqcError
+from arqc.loading import save_checkpoint
+from arqc.pipeline import prepare
+from passes.search import rewards
+
+SETTINGS = SearchSettings(method="arq", budget=0.05, sigma=0.25, episodes=3, warmup=1, search_images=6,
+                          cache_n=40, search_n=20, n0=10, n=40, test_images=4, finetune_epochs=1, calib_images=16,
+                          batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("arq")
+    torch.manual_seed(0)
+    save_checkpoint(root / "m.pt", archs.build("mnist_cnn"), "mnist_cnn", (1, 28, 28), 10)
+    rng = np.random.default_rng(0)
+    for name, count in (("train", 40), ("test", 8)):
+        np.savez(root / f"{name}.npz", x=rng.integers(0, 256, (count, 28, 28), dtype=np.uint8),
+                 y=np.arange(count) % 10)
+    train, test = load_images(f"npz:{root / 'train.npz'}"), load_images(f"npz:{root / 'test.npz'}")
+    return root, prepare(str(root / "m.pt"), images=train), train, test
+
+
+def _comparable(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k != "timings_s"}
+
+
+def test_interrupted_run_resumes_to_the_same_result(setup, monkeypatch):
+    root, prep, train, test = setup
+    _, whole = Run(prep, train, test, SETTINGS, root / "whole", resume=False, progress=False).run({})
+    score, calls = rewards.CertifiedReward.score, []
+
+    def interrupted(self, policy):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stopped during the third episode
+        calls.append(policy)
+        return score(self, policy)
+
+    monkeypatch.setattr(rewards.CertifiedReward, "score", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Run(prep, train, test, SETTINGS, root / "cut", resume=False, progress=False).run({})
+    monkeypatch.setattr(rewards.CertifiedReward, "score", score)
+    model, resumed = Run(prep, train, test, SETTINGS, root / "cut", resume=True, progress=False).run({})
+    assert _comparable(resumed) == _comparable(whole)
+    assert len(resumed["episodes"]) == 3 and resumed["method"] == "arq"
+    assert any(p.key == "arqc.report" for p in model.metadata_props)
+
+
+def test_existing_workdir_needs_resume_and_the_same_arguments(setup):
+    root, prep, train, test = setup
+    Run(prep, train, test, replace(SETTINGS, method="uniform"), root / "u", resume=False, progress=False)
+    with pytest.raises(ArqcError, match="pass --resume"):
+        Run(prep, train, test, replace(SETTINGS, method="uniform"), root / "u", resume=False, progress=False)
+    with pytest.raises(ArqcError, match="other arguments"):
+        Run(prep, train, test, replace(SETTINGS, method="uniform", seed=1), root / "u", resume=True,
+            progress=False)
