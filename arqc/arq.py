@@ -26,7 +26,7 @@ import torch
 
 from arqc.data import ImageSet
 from arqc.errors import ArqcError
-from arqc.loading import atomic_write
+from arqc.loading import atomic_write, write_json
 from arqc.pipeline import Prepared, quantize, to_onnx
 from arqc.qat import finetune
 from passes.analysis import profile
@@ -111,7 +111,7 @@ class Run:
                                 "arguments, or remove the directory to start over")
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(args, lambda f: f.write(json.dumps(self._signature(), indent=1).encode()))
+            write_json(args, self._signature())
 
     def _timed(self, stage: str, fn):
         start = time.perf_counter()
@@ -194,7 +194,7 @@ class Run:
         else:
             policy, episodes = self._timed("search", self.search_policy)
             data = {"policy": policy_to_json(policy), "episodes": episodes}
-            atomic_write(policy_path, lambda f: f.write(json.dumps(data, indent=1).encode()))
+            write_json(policy_path, data)
         sim = self.make_sim(policy)
         self._timed("qat", lambda: finetune(sim, self.train.x, self.train.y, sigma=s.sigma,
                                             epochs=s.finetune_epochs, lr=s.lr, seed=s.seed,
@@ -275,6 +275,6 @@ def compile_with_search(model: str, output: str, *, arch, trust_pickle, input_sh
     atomic_write(output, lambda f: f.write(model_proto.SerializeToString()))
     click.echo(f"wrote {output} (stages kept in {workdir})")
     if report_path:
-        atomic_write(report_path, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
+        write_json(report_path, report)
     if options["html_path"]:
         atomic_write(options["html_path"], lambda f: f.write(render_html(report).encode()))

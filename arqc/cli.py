@@ -11,7 +11,7 @@ import click
 from arqc import __version__
 from arqc.cmd_certify import verify_args, verify_options
 from arqc.errors import ArqcError
-from arqc.loading import atomic_write
+from arqc.loading import atomic_write, write_json
 from passes.analysis import format_profile, profile
 from passes.policy import Policy, check_bits, load_policy, policy_to_json, uniform
 from passes.quantize import SCALES
@@ -27,10 +27,6 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     if len(shape) != 3 or min(shape) < 1:
         raise ArqcError(f"--input-shape {text!r} is not C,H,W with positive sizes (e.g. 3,32,32)")
     return shape
-
-
-def write_json(path: str, data: dict) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
 def model_options(f):

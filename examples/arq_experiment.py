@@ -14,14 +14,13 @@ Every run keeps its stages in --workdir, so rerunning the same command resumes w
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from arqc.arq import Run, SearchSettings
 from arqc.data import load_images
-from arqc.loading import atomic_write
+from arqc.loading import atomic_write, write_json
 from arqc.pipeline import prepare
 
 RADII = ("0.00", "0.25", "0.50", "0.75", "1.00")  # keys of runtime.run results
@@ -66,7 +65,7 @@ def main() -> None:
             run = Run(prep, train, test, settings, workdir, resume=True, fp32_dir=Path(args.workdir) / "fp32")
             _, report = run.run({"experiment": True})
             report["wall_s"] = time.perf_counter() - start
-            atomic_write(workdir / "report.json", lambda f, r=report: f.write(json.dumps(r, indent=1).encode()))
+            write_json(workdir / "report.json", report)
             fp32 = fp32 or report["fp32"]
             rows.append((budget_text, method, report))
             print(f"{budget_text} {method}: ACR {report['acr']:.3f} (FP32 {report['fp32']['acr']:.3f})", flush=True)

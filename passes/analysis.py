@@ -9,6 +9,7 @@ import torch
 import torch.fx
 
 from passes import ops
+from passes.capture import get_attr
 from passes.meta import FP32, info, quantizable_nodes
 
 
@@ -23,7 +24,7 @@ def analyze(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if meta.kind == "input":
             meta.nonneg = False  # smoothing noise makes pixel inputs signed
         elif meta.kind == "constant":
-            meta.nonneg = bool((_attr(gm, node.target) >= 0).all())
+            meta.nonneg = bool((get_attr(gm, node.target) >= 0).all())
         elif meta.kind in ops.RULES:
             rule = ops.RULES[meta.kind]
             module = gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -44,11 +45,6 @@ def _operands_nonneg(args: tuple) -> list[bool]:
         elif isinstance(a, int | float) and not isinstance(a, bool):
             flags.append(a >= 0)
     return flags
-
-
-def _attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner), name)
 
 
 @dataclass

@@ -200,10 +200,11 @@ def _constant(gm: torch.fx.GraphModule, arg) -> torch.Tensor | None:
         return None
     if not (isinstance(arg, torch.fx.Node) and arg.op == "get_attr"):
         raise ArqcError(f"layer weights must be parameters or buffers of the model, got node '{arg}'")
-    return _get_attr(gm, arg.target).detach()
+    return get_attr(gm, arg.target).detach()
 
 
-def _get_attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
+def get_attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
+    """The parameter or buffer a get_attr node names (``target`` is a dotted path)."""
     owner, _, name = target.rpartition(".")
     return getattr(gm.get_submodule(owner), name)
 

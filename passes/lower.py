@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from arqc.errors import ArqcError
 from passes import ops
+from passes.capture import get_attr
 from passes.meta import FP32, ActQuant, info, quantizable_nodes
 from passes.quantize import INT32_BOUND, QuantLayer
 
@@ -130,7 +131,7 @@ def lower(sim: torch.fx.GraphModule, settings: dict | None = None, int4_weights:
             b._names.add(INPUT_NAME)
             values[node] = INPUT_NAME
         elif node.op == "get_attr":
-            values[node] = b.const(_attr(sim, node.target).detach().numpy().astype(np.float32), node.target)
+            values[node] = b.const(get_attr(sim, node.target).detach().numpy().astype(np.float32), node.target)
         elif node.op == "output":
             src = values[node.args[0]]
             b.nodes.append(helper.make_node("Identity", [src], [OUTPUT_NAME], name="output"))
@@ -149,11 +150,6 @@ def lower(sim: torch.fx.GraphModule, settings: dict | None = None, int4_weights:
     _set_metadata(model, sim, b.layer_nodes, settings or {})
     onnx.checker.check_model(model, full_check=True)
     return model
-
-
-def _attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner), name)
 
 
 def _set_metadata(model: onnx.ModelProto, sim: torch.fx.GraphModule, layer_nodes: dict, settings: dict) -> None:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from arqc.errors import ArqcError
+from arqc.loading import atomic_write
 from runtime.noise import NOISE_SCHEME
 
 CACHE_FORMAT = "arqc-irs-cache"
@@ -86,16 +85,7 @@ class IrsCache:
             "image_sha256": np.array([p.image_sha256 for p in self.points], dtype="U64"),
             "predictions": predictions.astype(_smallest_dtype(predictions)),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_cache(path: str | Path, *, fingerprint: str, sigma: float, n: int, ids: list[int]) -> IrsCache:
