@@ -5,6 +5,7 @@ and f's class on every estimation sample (``build_cache``). For a modified f' (e
 
     IRS(f', σ, x, n', cache, α, α_ζ, γ):
         ĉA, pA_lower ← cache[x]
+        if pA_lower ≤ 1/2: abstain                     # no f' sample can change that
         if pA_lower < γ:
             k ← #{i ≤ n' : f'(x + εᵢ) ≠ f(x + εᵢ)}      # εᵢ: the cached estimation noise, replayed
             ζ ← UpperConfBound(k, n', 1 − α_ζ)
@@ -128,6 +129,8 @@ def certify_incremental(
         raise ArqcError(f"image {point.image_id} differs from the one in the IRS cache; "
                         "use the same images (and preprocessing) the cache was built on")
     cA = point.top_class
+    if point.pA_lower <= 0.5:  # pA_lower − ζ ≤ 1/2 whatever f' does: the same abstention, without sampling
+        return IncrementalCertificate(ABSTAIN, 0.0, point.pA_lower, None, None, 0, "irs")
     if point.pA_lower < gamma:
         f_q = sample_predictions(backend_q, x, sigma, n_prime, batch_size, point.seed, Phase.ESTIMATION)
         k = int(np.sum(f_q != point.predictions[:n_prime]))

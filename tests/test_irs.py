@@ -205,3 +205,32 @@ def test_certify_dataset_with_irs_cache(cache, images):
         certify_dataset(backend_of(w_q), x, y, ids, irs_cache=cache, **(args | dict(sigma=0.25)))
     with pytest.raises(ArqcError, match="exceeds"):
         certify_dataset(backend_of(w_q), x, y, ids, irs_cache=cache, **(args | dict(n=N + 1)))
+
+
+def test_a_point_f_abstains_on_is_not_sampled(images):
+    """pA_lower ≤ 1/2 in the cache: IRS abstains whatever f' does, so it spends no samples."""
+    rng = np.random.default_rng(3)
+    near_tie = np.stack([point_with_probability(0.52, rng)])
+    cache = build_cache(backend_of(), near_tie, np.array([1]), [0], sigma=SIGMA, n0=N0, n=N, alpha=ALPHA,
+                        batch_size=500, seed=5)
+    assert cache.points[0].pA_lower <= 0.5
+    cert = certify_incremental(backend_of(b=0.3), near_tie[0], cache.points[0], sigma=SIGMA, alpha=ALPHA,
+                               n_prime=200)
+    assert cert.prediction == ABSTAIN and cert.samples == 0
+
+
+def test_search_reward_skips_only_images_that_score_zero(images, cache):
+    """The ARQ reward samples only images whose cached class is right; it equals IRS on every image."""
+    from passes.search.rewards import CertifiedReward
+
+    labels = torch.tensor([1, 1, 1, 0, 1])  # the cached classes are 1, 0, 1, 1, 1: images 1 and 3 are wrong
+    x, ids = torch.from_numpy(images), [0, 1, 2, 3, 4]
+    shifted = LinearClassifier(W, 0.05)
+    reward = CertifiedReward(lambda policy: shifted, x, labels, ids, cache, n_prime=500, lam=0.5, batch_size=500)
+    assert reward.ids == [0, 2, 4]
+    value, info = reward({"l": (8, 8)})
+    full = certify_dataset(TorchBackend(shifted, batch_size=500), x, labels, ids, sigma=SIGMA, n=500, alpha=ALPHA,
+                           batch_size=500, irs_cache=cache, progress=False)
+    assert info["acr"] == pytest.approx(full["acr"]) and info["clean_accuracy"] == pytest.approx(full["clean_accuracy"])
+    assert value == pytest.approx(full["acr"] + 0.5 * full["clean_accuracy"])
+    assert info["samples"] < sum(p["samples"] for p in full["points"])

@@ -1,7 +1,9 @@
 """Rewards for the search: each asks runtime/ for a number about a candidate policy.
 
 - :class:`CertifiedReward` (ARQ): ACR of the quantized smoothed classifier on the search images, certified
-  by IRS against the FP32 model's cache (runtime/irs.py), plus λ × its clean smoothed accuracy.
+  by IRS against the FP32 model's cache (runtime/irs.py), plus λ × its clean smoothed accuracy. Images whose
+  cached FP32 prediction is wrong are not sampled: IRS can only certify the cached class there, which scores
+  zero in both terms, so the reward is exactly what certifying every image would give.
 - :class:`AccuracyReward` (HAQ): top-1 accuracy of the quantized base classifier on the search images.
 Certificates computed here rank candidates only; reported certificates come from a fresh CERTIFY on test
 images (DESIGN §3).
@@ -15,7 +17,7 @@ import torch
 import torch.fx
 
 from passes.policy import Policy
-from runtime.backends import TorchBackend
+from runtime.backends import Backend, TorchBackend
 from runtime.irs_cache import IrsCache
 from runtime.run import certify_dataset
 
@@ -39,22 +41,32 @@ class _Memo:
 
 
 class CertifiedReward(_Memo):
+    """``make_backend`` builds the executor of a candidate (e.g. its lowered ONNX model in onnxruntime, what
+    will be deployed; by default the torch simulation from ``make_sim``)."""
+
     def __init__(self, make_sim: SimFactory, images: torch.Tensor, labels: torch.Tensor, ids: list[int],
-                 cache: IrsCache, n_prime: int, lam: float = 0.0, batch_size: int = 400):
+                 cache: IrsCache, n_prime: int, lam: float = 0.0, batch_size: int = 400,
+                 make_backend: Callable[[Policy], Backend] | None = None):
         super().__init__()
-        self.make_sim, self.images, self.labels, self.ids = make_sim, images, labels, ids
+        keep = [i for i, (label, image_id) in enumerate(zip(labels.tolist(), ids, strict=True))
+                if cache.point(image_id).top_class == label]
+        self.total = len(ids)
+        self.images, self.labels, self.ids = images[keep], labels[keep], [ids[i] for i in keep]
+        self.make_backend = make_backend or (lambda policy: TorchBackend(make_sim(policy), batch_size=batch_size))
         self.cache_fp32, self.n_prime, self.lam, self.batch_size = cache, n_prime, lam, batch_size
         self.samples = 0
 
     def score(self, policy: Policy) -> tuple[float, dict]:
-        backend = TorchBackend(self.make_sim(policy), batch_size=self.batch_size)
-        result = certify_dataset(backend, self.images, self.labels, self.ids, sigma=self.cache_fp32.sigma,
-                                 n=self.n_prime, alpha=self.cache_fp32.alpha, batch_size=self.batch_size,
-                                 irs_cache=self.cache_fp32, progress=False)
+        if not self.ids:
+            return 0.0, {"acr": 0.0, "clean_accuracy": 0.0, "samples": 0}
+        result = certify_dataset(self.make_backend(policy), self.images, self.labels, self.ids,
+                                 sigma=self.cache_fp32.sigma, n=self.n_prime, alpha=self.cache_fp32.alpha,
+                                 batch_size=self.batch_size, irs_cache=self.cache_fp32, progress=False)
         samples = sum(p["samples"] for p in result["points"])
         self.samples += samples
-        reward = result["acr"] + self.lam * result["clean_accuracy"]
-        return reward, {"acr": result["acr"], "clean_accuracy": result["clean_accuracy"], "samples": samples}
+        share = len(self.ids) / self.total  # the skipped images score 0 in both terms
+        acr, clean = result["acr"] * share, result["clean_accuracy"] * share
+        return acr + self.lam * clean, {"acr": acr, "clean_accuracy": clean, "samples": samples}
 
 
 class AccuracyReward(_Memo):
