@@ -30,7 +30,9 @@ from arqc.loading import atomic_write, write_json
 from arqc.pipeline import Prepared, quantize, to_onnx
 from arqc.qat import finetune
 from passes.analysis import profile
+from passes.meta import FP32
 from passes.policy import Policy, apply_policy, policy_to_json
+from passes.quantize import observed_ranges
 from passes.search.agent import DDPGConfig
 from passes.search.baselines import greedy_policy, sensitivity, uniform_policy
 from passes.search.budget import check_budget, layer_specs
@@ -67,6 +69,7 @@ class SearchSettings:
     min_bits: int = 2
     max_bits: int = 8
     keep_first_last: bool = True  # HAQ keeps the first and last layer at 8 bits
+    demo: str = "greedy"  # arq/haq: the policy played as the first episode ("greedy" or "none")
     calib_images: int = 256
     calib_sigma: float | None = None  # noise on calibration images; None: σ (what the base model sees)
     batch_size: int = 400
@@ -150,15 +153,21 @@ class Run:
         else:
             cache = self._timed("fp32 cache", self.fp32_cache)
             reward = CertifiedReward(self.make_sim, self.search.x, self.search.y, ids, cache, s.search_n,
-                                     s.lam, s.batch_size)
+                                     s.lam, s.batch_size, make_backend=self._candidate_backend)
         state = self.dir / "search_state.pt"
         if s.method == "random":
             log = random_search(env, reward, s.episodes, s.seed, state, progress=self.progress)
         else:
             config = DDPGConfig(warmup=s.warmup, seed=s.seed)
-            log = ddpg_search(env, reward, s.episodes, config, state, progress=self.progress)
+            demo = self._timed("demo", self._greedy) if s.demo == "greedy" else None
+            log = ddpg_search(env, reward, s.episodes, config, state, progress=self.progress, demo=demo)
         best = log.best()
         return {name: (b["w_bits"], b["a_bits"]) for name, b in best["policy"].items()}, log.episodes
+
+    def _candidate_backend(self, policy: Policy) -> OrtBackend:
+        """A candidate as it will be deployed: lowered to QDQ ONNX and run in onnxruntime (about twice as
+        fast as the torch simulation on a CPU, so the search can afford more samples)."""
+        return OrtBackend(to_onnx(self.make_sim(policy), {}).SerializeToString(), batch_size=self.s.batch_size)
 
     def _greedy(self) -> Policy:
         gen = torch.Generator().manual_seed(self.s.seed)
@@ -167,9 +176,16 @@ class Run:
         with torch.inference_mode():
             reference = self.prep.gm(x)
 
+        # With one layer quantized at a time, every layer's range is the float model's: calibrate once.
+        names = [layer.name for layer in self.layers]
+        float_sim = self.make_sim({name: (FP32, 8) for name in names})
+        ranges = observed_ranges(float_sim)
+        calib_sigma = self.s.sigma if self.s.calib_sigma is None else self.s.calib_sigma
+
         def logits_of(policy: Policy) -> torch.Tensor:
             with torch.inference_mode():
-                return self.make_sim(policy)(x)
+                return quantize(self.prep, policy, None, scales=self.s.scales, calib_sigma=calib_sigma,
+                                ranges=ranges)(x)
 
         sens = sensitivity(self.layers, logits_of, reference, self.s.min_bits, self.s.max_bits)
         return greedy_policy(self.layers, self.s.budget, sens, self.s.min_bits, self.s.max_bits, self.fixed)
@@ -191,9 +207,10 @@ class Run:
             saved = json.loads(policy_path.read_text())
             policy = {k: (v["w_bits"], v["a_bits"]) for k, v in saved["policy"].items()}
             episodes = saved["episodes"]
+            self.timings.update(saved.get("timings_s", {}))  # the search ran in an earlier process
         else:
             policy, episodes = self._timed("search", self.search_policy)
-            data = {"policy": policy_to_json(policy), "episodes": episodes}
+            data = {"policy": policy_to_json(policy), "episodes": episodes, "timings_s": dict(self.timings)}
             write_json(policy_path, data)
         sim = self.make_sim(policy)
         self._timed("qat", lambda: finetune(sim, self.train.x, self.train.y, sigma=s.sigma,
@@ -261,9 +278,9 @@ def compile_with_search(model: str, output: str, *, arch, trust_pickle, input_sh
     check_compatible(test, prep.input_shape, prep.loaded.num_classes)
     settings = SearchSettings(
         method=options["method"], budget=parse_budget(budget), sigma=check.sigma, episodes=options["episodes"],
-        warmup=options["warmup"], search_images=options["search_images"], cache_n=options["cache_n"],
-        search_n=options["search_n"], n0=check.n0, n=check.n, alpha=check.alpha, lam=options["lam"],
-        finetune_epochs=options["finetune_epochs"], lr=options["lr"], test_images=check.num_images,
+        warmup=options["warmup"], demo=options["demo"], search_images=options["search_images"],
+        cache_n=options["cache_n"], search_n=options["search_n"], n0=check.n0, n=check.n, alpha=check.alpha,
+        lam=options["lam"], finetune_epochs=options["finetune_epochs"], lr=options["lr"], test_images=check.num_images,
         seed=check.seed, scales=scales, calib_images=calib_images, calib_sigma=calib_sigma)
     workdir = Path(options["workdir"] or f"{output}.arqc")
     run = Run(prep, train, test, settings, workdir, options["resume"])

@@ -97,6 +97,8 @@ def search_options(f):
                      help="arq (certified reward), haq (accuracy reward), uniform, random, greedy."),
         click.option("--episodes", type=int, default=d.episodes, show_default=True),
         click.option("--warmup", type=int, default=d.warmup, show_default=True, help="Random episodes first."),
+        click.option("--demo", type=click.Choice(["greedy", "none"]), default=d.demo, show_default=True,
+                     help="arq/haq: play the sensitivity-greedy policy as the first episode (a demonstration)."),
         click.option("--search-images", type=int, default=d.search_images, show_default=True,
                      help="Training images the search certifies (after the calibration images)."),
         click.option("--cache-n", type=int, default=d.cache_n, show_default=True,
@@ -113,7 +115,7 @@ def search_options(f):
         click.option("--resume", is_flag=True, help="Continue an interrupted run in --workdir."),
         click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write the HTML report."),
     ]
-    names = ["budget", "method", "episodes", "warmup", "search_images", "cache_n", "search_n", "lam",
+    names = ["budget", "method", "episodes", "warmup", "demo", "search_images", "cache_n", "search_n", "lam",
              "finetune_epochs", "lr", "workdir", "resume", "html_path"]
 
     def collect(**kwargs):

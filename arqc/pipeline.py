@@ -53,11 +53,15 @@ def needs_calibration(policy: Policy) -> bool:
 
 
 def quantize(prep: Prepared, policy: Policy, calibration: ImageSet | None, num_calibration: int = 512,
-             scales: str = "float", calib_sigma: float = 0.0) -> torch.fx.GraphModule:
+             scales: str = "float", calib_sigma: float = 0.0,
+             ranges: dict[str, tuple[float, float]] | None = None) -> torch.fx.GraphModule:
     """The fake-quantized simulation of the prepared graph under ``policy``, its activation ranges calibrated
-    on ``num_calibration`` training images (with noise N(0, calib_sigma²) when calib_sigma > 0)."""
+    on ``num_calibration`` training images (with noise N(0, calib_sigma²) when calib_sigma > 0), or taken from
+    ``ranges`` (passes/quantize.py: observed_ranges) when given."""
     apply_policy(prep.gm, policy)
-    if calibration is None:
+    if ranges is not None:
+        batches = []
+    elif calibration is None:
         if needs_calibration(policy):
             raise ArqcError("quantized activations need calibration images: pass --data SPEC with clean "
                             "training images (e.g. cifar10:DIR:train)")
@@ -66,7 +70,7 @@ def quantize(prep: Prepared, policy: Policy, calibration: ImageSet | None, num_c
         batches = calibration_batches(calibration, num_calibration, calib_sigma)
     method = "minmax" + (f", noise sigma={calib_sigma:g}" if calib_sigma > 0 else "") + \
         (", po2 scales" if scales == "po2" else "")
-    return simulate(prep.gm, batches, scales=scales, method=method)
+    return simulate(prep.gm, batches, scales=scales, method=method, ranges=ranges)
 
 
 def to_onnx(sim: torch.fx.GraphModule, settings: dict, int4_weights: bool = False) -> onnx.ModelProto:

@@ -162,10 +162,11 @@ def _quant_copy(module: nn.Module, w_bits: int, a_bits: int, signed: bool, scale
 
 
 def simulate(gm: torch.fx.GraphModule, calibration: Iterable[torch.Tensor], scales: str = "float",
-             method: str = "minmax") -> torch.fx.GraphModule:
+             method: str = "minmax", ranges: dict[str, tuple[float, float]] | None = None) -> torch.fx.GraphModule:
     """A copy of ``gm`` whose layers are fake-quantized at the bits in their meta (the policy pass sets them),
     with activation ranges calibrated (min/max) on ``calibration`` batches of training images; ``method``
     names how they were made (recorded in each :class:`ActQuant`, e.g. "minmax, noise sigma=0.25").
+    ``ranges`` (layer name → observed (min, max), see :func:`observed_ranges`) replaces the calibration run.
     Records each layer's :class:`ActQuant` in ``meta["arqc"].act``."""
     if scales not in SCALES:
         raise ValueError(f"scales must be one of {SCALES}")
@@ -180,10 +181,23 @@ def simulate(gm: torch.fx.GraphModule, calibration: Iterable[torch.Tensor], scal
         owner, _, name = node.target.rpartition(".")
         setattr(sim.get_submodule(owner), name, layer)
         layers[node] = layer
-    calibrate(sim, calibration)
+    if ranges is None:
+        calibrate(sim, calibration)
+    else:
+        for node, layer in layers.items():
+            layer.observed = ranges.get(info(node).layer)
+            layer.finish_calibration()
     for node, layer in layers.items():
         info(node).act = layer.act
     return sim
+
+
+def observed_ranges(sim: torch.fx.GraphModule) -> dict[str, tuple[float, float]]:
+    """Each calibrated layer's observed input (min, max), by layer name. Of a simulation whose weights are all
+    unquantized, these are the float model's activation ranges: what calibration finds for any policy in which
+    only one layer is quantized (the sensitivity proxy's policies)."""
+    return {info(node).layer: sim.get_submodule(node.target).observed for node in quantizable_nodes(sim)
+            if sim.get_submodule(node.target).observed is not None}
 
 
 def calibrate(sim: torch.fx.GraphModule, calibration: Iterable[torch.Tensor]) -> None:

@@ -42,6 +42,17 @@ def test_budget_wall_meets_budget_lowers_from_the_back_and_keeps_fixed_layers():
     assert enforce_budget(layers, walled, 0.02, fixed={"l0": 8}) == walled  # already within budget: unchanged
 
 
+def test_budget_wall_takes_the_wider_side_first():
+    layers = _layers()
+    policy = {layer.name: (2, 8) if i % 2 else (8, 3) for i, layer in enumerate(layers)}
+    walled = enforce_budget(layers, policy, 0.01)
+    assert bitops(layers, walled) <= 0.01 * fp32_bitops(layers)
+    for i, layer in enumerate(layers):
+        w, a = walled[layer.name]
+        assert (w, a) != policy[layer.name]
+        assert (w == 2) if i % 2 else (a == 3)  # the narrow side is never lowered while the wide side is wider
+
+
 def test_budget_checks_name_the_problem():
     layers = _layers()
     with pytest.raises(ArqcError, match="below what 2-bit"):
@@ -94,6 +105,18 @@ def test_ddpg_learns_a_toy_preference():
     assert learned > random_phase + 1.0
 
 
+def test_demonstration_is_the_first_episode_and_is_learned_from():
+    env = BitAllocationEnv(_layers(), 0.2, fixed={"l0": 8})
+    demo = {"l0": (8, 8), "l1": (3, 6), "l2": (7, 2), "l3": (4, 4), "l4": (5, 3)}
+    assert enforce_budget(env.layers, demo, 0.2, fixed={"l0": 8}) == demo  # inside the budget: the wall keeps it
+    log = ddpg_search(env, _toy_reward, 3, DDPGConfig(warmup=2, seed=0), progress=False, demo=demo)
+    first = {name: (b["w_bits"], b["a_bits"]) for name, b in log.episodes[0]["policy"].items()}
+    assert first == demo and log.episodes[0]["reward"] == _toy_reward(demo)[0]
+    assert len(log.episodes) == 3  # the demonstration counts as one of the episodes
+    plain = ddpg_search(env, _toy_reward, 3, DDPGConfig(warmup=2, seed=0), progress=False)
+    assert plain.episodes[0]["policy"] != log.episodes[0]["policy"]
+
+
 @pytest.mark.parametrize("kind", ["ddpg", "random"])
 def test_interrupted_search_resumes_to_the_same_result(tmp_path, kind):
     env = BitAllocationEnv(_layers(), 0.05)
@@ -125,3 +148,27 @@ def test_resume_with_other_arguments_is_refused(tmp_path):
     random_search(env, _toy_reward, 2, 0, tmp_path / "s.pt", progress=False)
     with pytest.raises(ArqcError, match="other arguments"):
         random_search(env, _toy_reward, 2, 1, tmp_path / "s.pt", progress=False)
+
+
+def test_float_ranges_give_the_calibrated_simulation_of_single_layer_policies():
+    """The sensitivity proxy quantizes one layer at a time and reuses the float model's activation ranges
+    instead of calibrating each policy: that must be exactly what calibration would have found."""
+    from passes.analysis import analyze
+    from passes.capture import capture
+    from passes.meta import FP32, info, quantizable_nodes
+    from passes.policy import apply_policy
+    from passes.quantize import observed_ranges, simulate
+    from tests.qnets import NetSpec, SmallNet
+
+    spec = NetSpec((2, 4, 4), width=4)
+    gm = analyze(capture(SmallNet(spec).eval(), torch.zeros(1, *spec.shape)))
+    names = [info(n).layer for n in quantizable_nodes(gm)]
+    calibration = [torch.rand(16, *spec.shape, generator=torch.Generator().manual_seed(3))]
+    ranges = observed_ranges(simulate(apply_policy(gm, {name: (FP32, 8) for name in names}), calibration))
+    x = torch.rand(32, *spec.shape, generator=torch.Generator().manual_seed(4))
+    for name in names:
+        for bits in ((3, FP32), (FP32, 3)):
+            policy = {other: (FP32, FP32) for other in names} | {name: bits}
+            calibrated = simulate(apply_policy(gm, policy), calibration)(x)
+            reused = simulate(apply_policy(gm, policy), [], ranges=ranges)(x)
+            assert torch.equal(calibrated, reused)

@@ -53,13 +53,26 @@ def _save_state(state_path: Path | None, state: dict) -> None:
         atomic_write(state_path, lambda f: torch.save(state, f))
 
 
+def demo_actions(env: BitAllocationEnv, policy: Policy) -> list[float]:
+    """The actions (centres of the bits' bins) with which the environment reproduces ``policy``."""
+    span = env.max_bits - env.min_bits + 1
+    return [(bits - env.min_bits + 0.5) / span for layer in env.free for bits in policy[layer.name]]
+
+
 def ddpg_search(env: BitAllocationEnv, reward_fn: RewardFn, episodes: int, config: DDPGConfig,
-                state_path: Path | None = None, signature: dict | None = None, progress: bool = True) -> SearchLog:
+                state_path: Path | None = None, signature: dict | None = None, progress: bool = True,
+                demo: Policy | None = None) -> SearchLog:
     """HAQ's loop: per episode, the agent picks every layer's bits, the wall enforces the budget, the reward
-    function scores the policy, and the agent learns from the episode."""
+    function scores the policy, and the agent learns from the episode.
+
+    ``demo``: a policy played as the first episode instead of the agent's actions (a demonstration, as in
+    DDPG from demonstrations): it is scored, logged and stored in the replay buffer like any episode, and
+    counts as one of the ``episodes``."""
     agent = DDPG(STATE_DIM, config)
     log = SearchLog()
-    signature = {"kind": "ddpg", "episodes": episodes, **(signature or {})}
+    signature = {"kind": "ddpg", "episodes": episodes, "demo": None if demo is None else policy_to_json(demo),
+                 **(signature or {})}
+    scripted = demo_actions(env, demo) if demo is not None else None
     state = _load_state(state_path, signature)
     if state is not None:
         agent.load_state_dict(state["agent"])
@@ -70,7 +83,7 @@ def ddpg_search(env: BitAllocationEnv, reward_fn: RewardFn, episodes: int, confi
         s = env.reset()
         transitions, done = [], False
         while not done:
-            a = agent.act(s)
+            a = scripted[len(transitions)] if scripted is not None and episode == 0 else agent.act(s)
             s2, done = env.step(a)
             transitions.append((s, a, s2, done))
             s = s2
