@@ -1,0 +1,100 @@
+"""`arqc compile --budget` (the ARQ search) on the command line: a tiny run end to end, its resume, and every
+bad input of the search ending in one error line, exit status 2 and no output file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from arqc import archs
+from arqc.arq import Run, SearchSettings
+from arqc.data import load_images
+from arqc.errors import ArqcError
+from arqc.loading import save_checkpoint
+from arqc.pipeline import prepare
+from tests.test_cli import assert_one_error_line, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search_cli")
+    torch.manual_seed(0)
+    save_checkpoint(root / "m.pt", archs.build("mnist_cnn"), "mnist_cnn", (1, 28, 28), 10)
+    rng = np.random.default_rng(0)
+    for name, count in (("train", 40), ("test", 8)):
+        np.savez(root / f"{name}.npz", x=rng.integers(0, 256, (count, 28, 28), dtype=np.uint8),
+                 y=np.arange(count) % 10)
+    return root
+
+
+def _argv(root, out, *extra: str) -> list[str]:
+    return ["compile", str(root / "m.pt"), "-o", str(out / "q.onnx"), "--report", str(out / "r.json"),
+            "--data", f"npz:{root / 'train.npz'}", "--test-data", f"npz:{root / 'test.npz'}", "--sigma", "0.25",
+            "--calib-images", "16", "--episodes", "3", "--warmup", "1", "--search-images", "6", "--cache-n", "40",
+            "--search-n", "20", "--n0", "10", "--n", "40", "--num-images", "4", "--finetune-epochs", "0",
+            "--workdir", str(out / "work"), *extra]
+
+
+BAD = [
+    ("below all 2-bit", ["--budget", "0.01%"], ["below what 2-bit"]),
+    ("above FP32", ["--budget", "150%"], ["below 100%"]),
+    ("not a number", ["--budget", "cheap"], ["--budget 'cheap'"]),
+    ("unknown baseline", ["--budget", "5%", "--method", "hawq"], ["hawq"]),
+    ("no sigma", ["--budget", "5%", "--sigma", "0"], ["sigma"]),
+    ("search-n above cache-n", ["--budget", "5%", "--search-n", "80"], ["--search-n <= --cache-n"]),
+    ("too few images", ["--budget", "5%", "--search-images", "30"], ["lower --search-images"]),
+]
+
+
+@pytest.mark.parametrize("case, extra, fragments", BAD, ids=[b[0] for b in BAD])
+def test_bad_search_input_is_one_error_line(inputs, tmp_path, capsys, case, extra, fragments):
+    code, _, err = run_cli(_argv(inputs, tmp_path, *extra), capsys)
+    assert_one_error_line(code, err, *fragments)
+    assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_search_runs_resumes_and_refuses_other_arguments(inputs, tmp_path, capsys):
+    argv = _argv(inputs, tmp_path, "--budget", "5%")
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["method"] == "arq" and len(report["episodes"]) == 3 and report["bitops_ratio_fp32"] <= 0.05
+    first = onnx.load(tmp_path / "q.onnx")
+
+    code, _, err = run_cli(argv, capsys)  # the work directory holds a run: --resume is needed
+    assert_one_error_line(code, err, "--resume")
+    code, _, err = run_cli(argv + ["--resume", "--episodes", "4"], capsys)
+    assert_one_error_line(code, err, "other arguments")
+    (tmp_path / "q.onnx").unlink()
+    code, _, err = run_cli(argv + ["--resume"], capsys)  # every stage is done: the same model again
+    assert code == 0, err
+    again = onnx.load(tmp_path / "q.onnx")
+    assert again.graph.SerializeToString() == first.graph.SerializeToString()
+    assert _props(again) == _props(first)
+
+
+def _props(model) -> dict:
+    """metadata_props, with the report's stage timings (which differ between runs) left out."""
+    props = {p.key: p.value for p in model.metadata_props}
+    report = json.loads(props.pop("arqc.report"))
+    report.pop("timings_s")
+    return props | {"arqc.report": report}
+
+
+def test_fp32_cache_of_another_sigma_is_refused(inputs, tmp_path):
+    train, test = load_images(f"npz:{inputs / 'train.npz'}"), load_images(f"npz:{inputs / 'test.npz'}")
+    prep = prepare(str(inputs / "m.pt"), images=train)
+    s = SearchSettings(method="arq", budget=0.05, sigma=0.25, episodes=2, warmup=1, search_images=6, cache_n=40,
+                       search_n=20, n0=10, n=40, test_images=4, finetune_epochs=0, calib_images=16, batch_size=64)
+    Run(prep, train, test, s, tmp_path / "a", resume=False, progress=False, fp32_dir=tmp_path / "fp32").fp32_cache()
+    other = Run(prep, train, test, replace(s, sigma=0.5), tmp_path / "b", resume=False, progress=False,
+                fp32_dir=tmp_path / "fp32")
+    with pytest.raises(ArqcError, match="sigma=0.25, not 0.5"):
+        other.fp32_cache()
