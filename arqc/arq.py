@@ -69,7 +69,11 @@ class SearchSettings:
     min_bits: int = 2
     max_bits: int = 8
     keep_first_last: bool = True  # HAQ keeps the first and last layer at 8 bits
-    demo: str = "greedy"  # arq/haq: the policy played as the first episode ("greedy" or "none")
+    demo: str = "greedy"  # arq/haq: the demonstration played in the last warm-up episode ("greedy" or "none")
+    # Exploration after the warm-up. With a demonstration it searches around it: σ ≈ one bit's bin, decaying;
+    # without one, HAQ's 0.5 decaying by 0.99 per episode.
+    explore_sigma: float = 0.15
+    explore_decay: float = 0.97
     calib_images: int = 256
     calib_sigma: float | None = None  # noise on calibration images; None: σ (what the base model sees)
     batch_size: int = 400
@@ -158,8 +162,9 @@ class Run:
         if s.method == "random":
             log = random_search(env, reward, s.episodes, s.seed, state, progress=self.progress)
         else:
-            config = DDPGConfig(warmup=s.warmup, seed=s.seed)
             demo = self._timed("demo", self._greedy) if s.demo == "greedy" else None
+            config = DDPGConfig(warmup=s.warmup, seed=s.seed) if demo is None else \
+                DDPGConfig(warmup=s.warmup, seed=s.seed, init_sigma=s.explore_sigma, sigma_decay=s.explore_decay)
             log = ddpg_search(env, reward, s.episodes, config, state, progress=self.progress, demo=demo)
         best = log.best()
         return {name: (b["w_bits"], b["a_bits"]) for name, b in best["policy"].items()}, log.episodes

@@ -98,7 +98,8 @@ def search_options(f):
         click.option("--episodes", type=int, default=d.episodes, show_default=True),
         click.option("--warmup", type=int, default=d.warmup, show_default=True, help="Random episodes first."),
         click.option("--demo", type=click.Choice(["greedy", "none"]), default=d.demo, show_default=True,
-                     help="arq/haq: play the sensitivity-greedy policy as the first episode (a demonstration)."),
+                     help="arq/haq: demonstrate the sensitivity-greedy policy in the last warm-up episode "
+                     "and explore around it."),
         click.option("--search-images", type=int, default=d.search_images, show_default=True,
                      help="Training images the search certifies (after the calibration images)."),
         click.option("--cache-n", type=int, default=d.cache_n, show_default=True,

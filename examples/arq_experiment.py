@@ -66,6 +66,10 @@ def main() -> None:
             fp32 = fp32 or report["fp32"]
             rows.append((budget_text, method, report))
             print(f"{budget_text} {method}: ACR {report['acr']:.3f} (FP32 {report['fp32']['acr']:.3f})", flush=True)
+            write_table(args, rows, fp32)  # after every row, so a long experiment shows what it has
+
+
+def write_table(args: argparse.Namespace, rows: list[tuple[str, str, dict]], fp32: dict) -> None:
     c = rows[0][2]["certification"]
     lines = [f"# ARQ vs baselines: {Path(args.model).name}, σ = {args.sigma}", "",
              f"Certified accuracy (%) at L2 radius r and ACR on {c['num_images']} test images of `{args.test}`; "
@@ -74,8 +78,8 @@ def main() -> None:
              f"Search: {args.episodes} episodes ({args.warmup} warm-up), {args.search_images} search images from "
              f"`{args.train}`, IRS n' = {args.search_n} against an FP32 cache of n = {args.cache_n}; "
              f"QAT {args.finetune_epochs} epoch(s). First and last layer fixed at 8 bits. ARQ and HAQ play the "
-             "sensitivity-greedy policy as episode 0 (a demonstration); \"chosen episode\" is the episode whose "
-             "policy won the search.", "",
+             f"sensitivity-greedy policy in the last warm-up episode ({max(args.warmup - 1, 0)}, a demonstration) and "
+             "explore around it; \"chosen episode\" is the episode whose policy won the search.", "",
              "| budget | method | BitOps % FP32 | " + " | ".join(f"r={r}" for r in RADII)
              + " | ACR | chosen episode | search s |",
              "|---|---|---|" + "---|" * len(RADII) + "---|---|---|",
@@ -89,7 +93,6 @@ def main() -> None:
     text = "\n".join(lines) + "\n\nCommand: `python examples/arq_experiment.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()) + "`\n"
     atomic_write(args.out, lambda f: f.write(text.encode()))
-    print(text)
 
 
 if __name__ == "__main__":

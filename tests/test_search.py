@@ -105,16 +105,19 @@ def test_ddpg_learns_a_toy_preference():
     assert learned > random_phase + 1.0
 
 
-def test_demonstration_is_the_first_episode_and_is_learned_from():
+def test_demonstration_ends_the_warmup_and_the_actor_imitates_it():
     env = BitAllocationEnv(_layers(), 0.2, fixed={"l0": 8})
     demo = {"l0": (8, 8), "l1": (3, 6), "l2": (7, 2), "l3": (4, 4), "l4": (5, 3)}
     assert enforce_budget(env.layers, demo, 0.2, fixed={"l0": 8}) == demo  # inside the budget: the wall keeps it
-    log = ddpg_search(env, _toy_reward, 3, DDPGConfig(warmup=2, seed=0), progress=False, demo=demo)
-    first = {name: (b["w_bits"], b["a_bits"]) for name, b in log.episodes[0]["policy"].items()}
-    assert first == demo and log.episodes[0]["reward"] == _toy_reward(demo)[0]
-    assert len(log.episodes) == 3  # the demonstration counts as one of the episodes
-    plain = ddpg_search(env, _toy_reward, 3, DDPGConfig(warmup=2, seed=0), progress=False)
-    assert plain.episodes[0]["policy"] != log.episodes[0]["policy"]
+    config = DDPGConfig(warmup=2, seed=0, init_sigma=0.01)
+    log = ddpg_search(env, _toy_reward, 4, config, progress=False, demo=demo)
+    played = {name: (b["w_bits"], b["a_bits"]) for name, b in log.episodes[1]["policy"].items()}
+    assert played == demo and log.episodes[1]["reward"] == _toy_reward(demo)[0]  # the last warm-up episode
+    assert len(log.episodes) == 4  # the demonstration counts as one of the episodes
+    after = {name: (b["w_bits"], b["a_bits"]) for name, b in log.episodes[2]["policy"].items()}
+    assert after == demo  # the actor imitates it: with little exploration noise it plays it again
+    plain = ddpg_search(env, _toy_reward, 4, config, progress=False)
+    assert all(e["policy"] != log.episodes[1]["policy"] for e in plain.episodes)
 
 
 @pytest.mark.parametrize("kind", ["ddpg", "random"])

@@ -115,6 +115,19 @@ class DDPG:
             for p, tp in zip(net.parameters(), target_net.parameters(), strict=True):
                 tp.data.mul_(1 - c.tau).add_(c.tau * p.data)
 
+    def imitate(self, states: torch.Tensor, actions: torch.Tensor, steps: int = 300, lr: float = 1e-3) -> float:
+        """Behaviour cloning: fit the actor (and its target) to a demonstration's actions, full batch, so that
+        exploration after the warm-up starts around the demonstrated policy. Returns the final squared error."""
+        opt = torch.optim.Adam(self.actor.parameters(), lr=lr)
+        target = actions.float().reshape(-1, 1)
+        for _ in range(steps):
+            loss = nn.functional.mse_loss(self.actor(states.float()), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        self.actor_target.load_state_dict(self.actor.state_dict())
+        return float(loss.detach())
+
     # -- resuming --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,14 +65,17 @@ def ddpg_search(env: BitAllocationEnv, reward_fn: RewardFn, episodes: int, confi
     """HAQ's loop: per episode, the agent picks every layer's bits, the wall enforces the budget, the reward
     function scores the policy, and the agent learns from the episode.
 
-    ``demo``: a policy played as the first episode instead of the agent's actions (a demonstration, as in
-    DDPG from demonstrations): it is scored, logged and stored in the replay buffer like any episode, and
-    counts as one of the ``episodes``."""
+    ``demo``: a policy played instead of the agent's actions in the last warm-up episode (a demonstration, as
+    in DDPG from demonstrations). It is scored, logged and stored in the replay buffer like any episode and
+    counts as one of the ``episodes``; coming after the random warm-up, its reward is measured against their
+    moving average, and the actor is then fitted to it (:meth:`DDPG.imitate`), so that exploration searches
+    around the demonstrated policy."""
     agent = DDPG(STATE_DIM, config)
     log = SearchLog()
     signature = {"kind": "ddpg", "episodes": episodes, "demo": None if demo is None else policy_to_json(demo),
-                 **(signature or {})}
+                 "config": asdict(config), **(signature or {})}
     scripted = demo_actions(env, demo) if demo is not None else None
+    demo_episode = max(0, min(config.warmup, episodes) - 1)
     state = _load_state(state_path, signature)
     if state is not None:
         agent.load_state_dict(state["agent"])
@@ -83,13 +86,15 @@ def ddpg_search(env: BitAllocationEnv, reward_fn: RewardFn, episodes: int, confi
         s = env.reset()
         transitions, done = [], False
         while not done:
-            a = scripted[len(transitions)] if scripted is not None and episode == 0 else agent.act(s)
+            a = scripted[len(transitions)] if scripted is not None and episode == demo_episode else agent.act(s)
             s2, done = env.step(a)
             transitions.append((s, a, s2, done))
             s = s2
         policy = env.policy()
         reward, info = reward_fn(policy)
         agent.end_episode(transitions, reward)
+        if scripted is not None and episode == demo_episode:
+            agent.imitate(torch.stack([t[0] for t in transitions]), torch.tensor([t[1] for t in transitions]))
         log.episodes.append(_record(env, policy, reward, info, episode))
         bar.set_postfix(reward=f"{reward:.4f}", best=f"{log.best()['reward']:.4f}")
         _save_state(state_path, {"signature": signature, "agent": agent.state_dict(), "log": log.episodes})
