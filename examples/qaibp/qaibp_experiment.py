@@ -1,10 +1,13 @@
-"""QA-IBP on MNIST at small scale: train quantized CNNs with QA-IBP, then certify them with IBP and the
-complete verifier (counterexamples confirmed on the lowered ONNX model).
+"""QA-IBP at small scale on MNIST or CIFAR-10: train quantized CNNs with QA-IBP, then certify them with IBP
+and the complete verifier (counterexamples confirmed on the lowered ONNX model).
 
-    python examples/qaibp/mnist_qaibp.py --data /work/shared/data/mnist --out /tmp/qaibp
+    python examples/qaibp/qaibp_experiment.py --dataset mnist --train-data mnist:../shared/data/mnist:train \
+        --test-data mnist:../shared/data/mnist:test --out /tmp/qaibp
+    python examples/qaibp/qaibp_experiment.py --dataset cifar10 --train-data imagefolder:CIFAR_JPEG/train \
+        --test-data npz:../shared/data/cifar10/test_first1000_lossless.npz --out /tmp/qaibp_cifar
 
-For every bit width and ε it trains a fresh model (ε_train = ε) and writes <out>/w<b>a<b>_eps<k>.json (the
-certify report plus the training history) and .onnx; it prints one markdown row per configuration.
+For every bit width and ε it trains a fresh model (ε_train = ε) and writes <out>/<dataset>_w<b>a<b>_eps<k>.json
+(the certify report plus the training history) and .onnx; it prints one markdown row per configuration.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arqc.archs import MNIST_MEAN, MNIST_STD, Normalize
+from arqc.archs import CIFAR_MEAN, CIFAR_STD, MNIST_MEAN, MNIST_STD, Normalize
 from arqc.data import load_images
 from arqc.ibp_report import certify_ibp, format_report
 from arqc.qaibp import train_qaibp
@@ -27,16 +30,20 @@ from passes.capture import capture
 from passes.lower import lower
 from passes.policy import uniform
 
+DATASETS = {"mnist": ((1, 28, 28), MNIST_MEAN, MNIST_STD), "cifar10": ((3, 32, 32), CIFAR_MEAN, CIFAR_STD)}
+
 
 class SmallCNN(nn.Module):
     """The "small" IBP network of Gowal et al. (2018): conv 16 4×4/2, conv 32 4×4/1, fc 100, fc 10."""
 
-    def __init__(self):
+    def __init__(self, dataset: str):
         super().__init__()
-        self.normalize = Normalize(MNIST_MEAN, MNIST_STD)
-        self.conv1 = nn.Conv2d(1, 16, 4, 2)
+        (c, h, _), mean, std = DATASETS[dataset]
+        side = (h - 4) // 2 + 1 - 3  # after conv1 (stride 2) and conv2
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(c, 16, 4, 2)
         self.conv2 = nn.Conv2d(16, 32, 4, 1)
-        self.fc1 = nn.Linear(32 * 10 * 10, 100)
+        self.fc1 = nn.Linear(32 * side * side, 100)
         self.fc2 = nn.Linear(100, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +53,9 @@ class SmallCNN(nn.Module):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="/work/shared/data/mnist", help="MNIST folder (idx files)")
+    ap.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
+    ap.add_argument("--train-data", required=True, help="training images, e.g. mnist:DIR:train")
+    ap.add_argument("--test-data", required=True, help="test images the model never saw, e.g. mnist:DIR:test")
     ap.add_argument("--out", default="/tmp/qaibp", help="where reports and ONNX models go")
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     ap.add_argument("--epsilons", type=int, nargs="+", default=[1, 4], help="ε in grid steps (k/255)")
@@ -60,20 +69,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train = load_images(f"mnist:{args.data}:train").subset(num=args.train_images)
-    test = load_images(f"mnist:{args.data}:test").subset(num=args.test_images)
+    train = load_images(args.train_data).subset(num=args.train_images)
+    test = load_images(args.test_data).subset(num=args.test_images)
     rows = []
     for bits in args.bits:
         for k in args.epsilons:
             torch.manual_seed(args.seed)
-            gm = analyze(capture(SmallCNN().eval(), torch.zeros(1, 1, 28, 28)))
+            shape = DATASETS[args.dataset][0]
+            gm = analyze(capture(SmallCNN(args.dataset).eval(), torch.zeros(1, *shape)))
             start = time.monotonic()
             sim, history = train_qaibp(gm, train, k / 255, args.epochs, uniform(gm, bits, bits),
                                        seed=args.seed, device="cpu",
                                        log=lambda r: print(json.dumps(r), flush=True))
             train_s = time.monotonic() - start
-            model = lower(sim, {"example": "examples/qaibp/mnist_qaibp.py", "epsilon": k / 255})
-            name = f"w{bits}a{bits}_eps{k}"
+            model = lower(sim, {"example": "examples/qaibp/qaibp_experiment.py", "epsilon": k / 255})
+            name = f"{args.dataset}_w{bits}a{bits}_eps{k}"
             (out / f"{name}.onnx").write_bytes(model.SerializeToString())
             report = certify_ibp(sim, test, k / 255, complete=True, timeout=args.timeout, onnx_model=model,
                                  device="cpu")
