@@ -126,9 +126,10 @@ class Run:
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
         return out
 
-    def make_sim(self, policy: Policy) -> torch.fx.GraphModule:
+    def make_sim(self, policy: Policy, ranges: dict[str, tuple[float, float]] | None = None) -> torch.fx.GraphModule:
+        """The calibrated simulation of ``policy`` (with ``ranges``: those activation ranges, no calibration run)."""
         calib_sigma = self.s.sigma if self.s.calib_sigma is None else self.s.calib_sigma
-        return quantize(self.prep, policy, self.calib, self.s.calib_images, self.s.scales, calib_sigma)
+        return quantize(self.prep, policy, self.calib, self.s.calib_images, self.s.scales, calib_sigma, ranges)
 
     # -- stages ----------------------------------------------------------------------------------------
     def fp32_cache(self):
@@ -185,12 +186,10 @@ class Run:
         names = [layer.name for layer in self.layers]
         float_sim = self.make_sim({name: (FP32, 8) for name in names})
         ranges = observed_ranges(float_sim)
-        calib_sigma = self.s.sigma if self.s.calib_sigma is None else self.s.calib_sigma
 
         def logits_of(policy: Policy) -> torch.Tensor:
             with torch.inference_mode():
-                return quantize(self.prep, policy, None, scales=self.s.scales, calib_sigma=calib_sigma,
-                                ranges=ranges)(x)
+                return self.make_sim(policy, ranges)(x)
 
         sens = sensitivity(self.layers, logits_of, reference, self.s.min_bits, self.s.max_bits)
         return greedy_policy(self.layers, self.s.budget, sens, self.s.min_bits, self.s.max_bits, self.fixed)
