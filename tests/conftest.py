@@ -30,6 +30,24 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def search_inputs(tmp_path_factory) -> Path:
+    """A folder with a random-init MNIST CNN checkpoint (m.pt) and random labelled images (train.npz: 40,
+    test.npz: 8): the smallest inputs an ARQ search runs end to end on."""
+    import numpy as np
+
+    from arqc.loading import save_checkpoint
+
+    root = tmp_path_factory.mktemp("search_inputs")
+    torch.manual_seed(0)
+    save_checkpoint(root / "m.pt", archs.build("mnist_cnn"), "mnist_cnn", (1, 28, 28), 10)
+    rng = np.random.default_rng(0)
+    for name, count in (("train", 40), ("test", 8)):
+        np.savez(root / f"{name}.npz", x=rng.integers(0, 256, (count, 28, 28), dtype=np.uint8),
+                 y=np.arange(count) % 10)
+    return root
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared real data folder; tests that need it skip (with the reason) where it is absent."""

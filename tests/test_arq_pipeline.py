@@ -5,15 +5,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import pytest
-import torch
 
-from arqc import archs
 from arqc.arq import Run, SearchSettings
 from arqc.data import load_images
 from arqc.errors import ArqcError
-from arqc.loading import save_checkpoint
 from arqc.pipeline import prepare
 from passes.search import rewards
 
@@ -23,14 +19,8 @@ SETTINGS = SearchSettings(method="arq", budget=0.05, sigma=0.25, episodes=3, war
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("arq")
-    torch.manual_seed(0)
-    save_checkpoint(root / "m.pt", archs.build("mnist_cnn"), "mnist_cnn", (1, 28, 28), 10)
-    rng = np.random.default_rng(0)
-    for name, count in (("train", 40), ("test", 8)):
-        np.savez(root / f"{name}.npz", x=rng.integers(0, 256, (count, 28, 28), dtype=np.uint8),
-                 y=np.arange(count) % 10)
+def setup(search_inputs):
+    root = search_inputs
     train, test = load_images(f"npz:{root / 'train.npz'}"), load_images(f"npz:{root / 'test.npz'}")
     return root, prepare(str(root / "m.pt"), images=train), train, test
 

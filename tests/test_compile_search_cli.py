@@ -6,32 +6,16 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import numpy as np
 import onnx
 import pytest
-import torch
 
-from arqc import archs
 from arqc.arq import Run, SearchSettings
 from arqc.data import load_images
 from arqc.errors import ArqcError
-from arqc.loading import save_checkpoint
 from arqc.pipeline import prepare
 from tests.test_cli import assert_one_error_line, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("search_cli")
-    torch.manual_seed(0)
-    save_checkpoint(root / "m.pt", archs.build("mnist_cnn"), "mnist_cnn", (1, 28, 28), 10)
-    rng = np.random.default_rng(0)
-    for name, count in (("train", 40), ("test", 8)):
-        np.savez(root / f"{name}.npz", x=rng.integers(0, 256, (count, 28, 28), dtype=np.uint8),
-                 y=np.arange(count) % 10)
-    return root
 
 
 def _argv(root, out, *extra: str) -> list[str]:
@@ -54,14 +38,14 @@ BAD = [
 
 
 @pytest.mark.parametrize("case, extra, fragments", BAD, ids=[b[0] for b in BAD])
-def test_bad_search_input_is_one_error_line(inputs, tmp_path, capsys, case, extra, fragments):
-    code, _, err = run_cli(_argv(inputs, tmp_path, *extra), capsys)
+def test_bad_search_input_is_one_error_line(search_inputs, tmp_path, capsys, case, extra, fragments):
+    code, _, err = run_cli(_argv(search_inputs, tmp_path, *extra), capsys)
     assert_one_error_line(code, err, *fragments)
     assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "r.json").exists()
 
 
-def test_search_runs_resumes_and_refuses_other_arguments(inputs, tmp_path, capsys):
-    argv = _argv(inputs, tmp_path, "--budget", "5%")
+def test_search_runs_resumes_and_refuses_other_arguments(search_inputs, tmp_path, capsys):
+    argv = _argv(search_inputs, tmp_path, "--budget", "5%")
     code, out, err = run_cli(argv, capsys)
     assert code == 0, err
     report = json.loads((tmp_path / "r.json").read_text())
@@ -88,9 +72,9 @@ def _props(model) -> dict:
     return props | {"arqc.report": report}
 
 
-def test_fp32_cache_of_another_sigma_is_refused(inputs, tmp_path):
-    train, test = load_images(f"npz:{inputs / 'train.npz'}"), load_images(f"npz:{inputs / 'test.npz'}")
-    prep = prepare(str(inputs / "m.pt"), images=train)
+def test_fp32_cache_of_another_sigma_is_refused(search_inputs, tmp_path):
+    train, test = load_images(f"npz:{search_inputs / 'train.npz'}"), load_images(f"npz:{search_inputs / 'test.npz'}")
+    prep = prepare(str(search_inputs / "m.pt"), images=train)
     s = SearchSettings(method="arq", budget=0.05, sigma=0.25, episodes=2, warmup=1, search_images=6, cache_n=40,
                        search_n=20, n0=10, n=40, test_images=4, finetune_epochs=0, calib_images=16, batch_size=64)
     Run(prep, train, test, s, tmp_path / "a", resume=False, progress=False, fp32_dir=tmp_path / "fp32").fp32_cache()
