@@ -62,6 +62,7 @@ class SearchSettings:
     alpha: float = 0.001
     lam: float = 0.0  # weight of clean smoothed accuracy in the ARQ reward
     finetune_epochs: int = 1
+    finetune_augment: str = "auto"  # QAT augmentation (arqc.train.AUGMENTS; auto: crops and flips for colour)
     lr: float = 1e-3
     test_images: int = 500
     seed: int = 0
@@ -81,10 +82,13 @@ class SearchSettings:
 
 class Run:
     def __init__(self, prep: Prepared, train: ImageSet, test: ImageSet, settings: SearchSettings,
-                 workdir: Path, resume: bool, progress: bool = True, fp32_dir: Path | None = None):
+                 workdir: Path, resume: bool, progress: bool = True, fp32_dir: Path | None = None,
+                 finetune: ImageSet | None = None):
         """``fp32_dir``: where the FP32 model's IRS cache and certification live (default: ``workdir``);
-        runs that differ only in method or budget can share them."""
+        runs that differ only in method or budget can share them. ``finetune``: the QAT images (default:
+        ``train``, which also provides the calibration and search images)."""
         self.prep, self.train, self.test, self.s = prep, train, test, settings
+        self.finetune_set = finetune if finetune is not None else train
         self.dir, self.progress = Path(workdir), progress
         self.fp32_dir = Path(fp32_dir) if fp32_dir is not None else self.dir
         self.timings: dict[str, float] = {}
@@ -105,7 +109,7 @@ class Run:
     # -- bookkeeping -----------------------------------------------------------------------------------
     def _signature(self) -> dict:
         return {"settings": asdict(self.s), "model": TorchBackend(self.prep.gm).fingerprint(),
-                "train": self.train.spec, "test": self.test.spec}
+                "train": self.train.spec, "test": self.test.spec, "finetune": self.finetune_set.spec}
 
     def _check_args(self, resume: bool) -> None:
         args = self.dir / "args.json"
@@ -217,9 +221,10 @@ class Run:
             data = {"policy": policy_to_json(policy), "episodes": episodes, "timings_s": dict(self.timings)}
             write_json(policy_path, data)
         sim = self.make_sim(policy)
-        self._timed("qat", lambda: finetune(sim, self.train.x, self.train.y, sigma=s.sigma,
-                                            epochs=s.finetune_epochs, lr=s.lr, seed=s.seed,
-                                            state_path=self.dir / "qat.pt", progress=self.progress))
+        ft = self.finetune_set
+        self._timed("qat", lambda: finetune(sim, ft.x, ft.y, sigma=s.sigma, epochs=s.finetune_epochs, lr=s.lr,
+                                            seed=s.seed, state_path=self.dir / "qat.pt", progress=self.progress,
+                                            augmentation=s.finetune_augment))
         meta = dict(settings_meta, search=asdict(s))
         model = to_onnx(sim, meta)
         backend = OrtBackend(model.SerializeToString(), batch_size=s.batch_size)
@@ -280,6 +285,13 @@ def compile_with_search(model: str, output: str, *, arch, trust_pickle, input_sh
     train, test = load_images(data), load_images(check.test_data)
     prep = prepare(model, arch, trust_pickle, input_shape, train)
     check_compatible(test, prep.input_shape, prep.loaded.num_classes)
+    finetune_set = None
+    if options["finetune_data"] is not None:
+        if options["finetune_data"] == check.test_data:
+            raise ArqcError("--finetune-data is the --test-data; fine-tune on training images the certificates "
+                            "never use")
+        finetune_set = load_images(options["finetune_data"])
+        check_compatible(finetune_set, prep.input_shape, prep.loaded.num_classes)
     settings = SearchSettings(
         method=options["method"], budget=parse_budget(budget), sigma=check.sigma, episodes=options["episodes"],
         warmup=options["warmup"], demo=options["demo"], search_images=options["search_images"],
@@ -287,10 +299,11 @@ def compile_with_search(model: str, output: str, *, arch, trust_pickle, input_sh
         lam=options["lam"], finetune_epochs=options["finetune_epochs"], lr=options["lr"], test_images=check.num_images,
         seed=check.seed, scales=scales, calib_images=calib_images, calib_sigma=calib_sigma)
     workdir = Path(options["workdir"] or f"{output}.arqc")
-    run = Run(prep, train, test, settings, workdir, options["resume"])
+    run = Run(prep, train, test, settings, workdir, options["resume"], finetune=finetune_set)
     meta = {"source": prep.loaded.source, "arch": prep.loaded.arch, "input_shape": list(prep.input_shape),
             "num_classes": prep.loaded.num_classes, "scales": scales, "calibration_data": data,
-            "calibration_images": calib_images, "sigma": check.sigma}
+            "calibration_images": calib_images, "sigma": check.sigma,
+            "finetune_data": options["finetune_data"] or data}
     model_proto, report = run.run(meta, verify=check.verify, max_disagreement=check.max_disagreement)
     click.echo(format_report(report))
     atomic_write(output, lambda f: f.write(model_proto.SerializeToString()))

@@ -1,7 +1,8 @@
 """Noise-aware quantization-aware training: fine-tune a simulated (fake-quantized) model with Gaussian noise
 augmentation at σ (as the smoothed classifier sees it) through the straight-through quantizers.
 
-Activation ranges stay as calibrated; weight scales follow the weights. SGD with momentum and a cosine
+Activation ranges stay as calibrated; weight scales follow the weights. The images get the same augmentation
+as ``arqc train`` (``auto``: random crops and flips for colour photos). SGD with momentum and a cosine
 schedule; one checkpoint per epoch (``state_path``) so an interrupted run resumes with the same result.
 """
 
@@ -16,14 +17,20 @@ from tqdm import tqdm
 
 from arqc.errors import ArqcError
 from arqc.loading import atomic_write
+from arqc.train import AUGMENTS, augment, resolve_augment
 
 
 def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tensor, *, sigma: float,
              epochs: int, lr: float = 1e-3, batch_size: int = 128, seed: int = 0,
-             state_path: str | Path | None = None, progress: bool = True) -> torch.fx.GraphModule:
-    """Fine-tune ``sim`` in place on (images, labels) with noise N(0, σ²) added to the [0, 1] pixels."""
+             state_path: str | Path | None = None, progress: bool = True,
+             augmentation: str = "none") -> torch.fx.GraphModule:
+    """Fine-tune ``sim`` in place on (images, labels), augmented (one of ``arqc.train.AUGMENTS``), with noise
+    N(0, σ²) added to the [0, 1] pixels."""
     if epochs < 0 or lr <= 0 or sigma < 0:
         raise ArqcError(f"fine-tuning needs epochs >= 0, lr > 0, sigma >= 0 (got {epochs}, {lr}, {sigma})")
+    if augmentation not in AUGMENTS:
+        raise ArqcError(f"unknown augmentation '{augmentation}'; choose one of {', '.join(AUGMENTS)}")
+    kind = resolve_augment(augmentation, images)
     if epochs == 0:
         return sim
     params = [p for p in sim.parameters() if p.requires_grad]
@@ -46,7 +53,8 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
         total, correct, loss_sum = 0, 0, 0.0
         bar = tqdm(order.split(batch_size), desc=f"QAT epoch {epoch + 1}/{epochs}", disable=not progress)
         for idx in bar:
-            x = images[idx] + sigma * torch.randn(images[idx].shape, generator=gen)
+            x = augment(images[idx], kind, gen)
+            x = x + sigma * torch.randn(x.shape, generator=gen)
             logits = sim(x)
             loss = torch.nn.functional.cross_entropy(logits, labels[idx])
             opt.zero_grad()

@@ -130,9 +130,14 @@ def _file_digest(path: str) -> str:
 
 
 def _augment_kind(cfg: TrainConfig, images: ImageSet) -> str:
-    if cfg.augment != "auto":
-        return cfg.augment
-    return "crop-flip" if images.x.shape[1] == 3 else "none"  # colour photos: crop+flip; digits: nothing
+    return resolve_augment(cfg.augment, images.x)
+
+
+def resolve_augment(kind: str, x: torch.Tensor) -> str:
+    """``auto``: crops and flips for colour photos (3 channels), nothing for digits; other kinds as given."""
+    if kind != "auto":
+        return kind
+    return "crop-flip" if x.shape[1] == 3 else "none"
 
 
 def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:

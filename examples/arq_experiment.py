@@ -45,10 +45,12 @@ def main() -> None:
     p.add_argument("--n0", type=int, default=100)
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--finetune-data", help="data spec of the QAT images [default: --train]")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
     train, test = load_images(args.train), load_images(args.test)
+    finetune = load_images(args.finetune_data) if args.finetune_data else None
     prep = prepare(args.model, images=train)
     base = SearchSettings(sigma=args.sigma, episodes=args.episodes, warmup=args.warmup,
                           search_images=args.search_images, cache_n=args.cache_n, search_n=args.search_n,
@@ -60,7 +62,8 @@ def main() -> None:
         for method in args.methods.split(","):
             settings = replace(base, method=method, budget=budget)
             workdir = Path(args.workdir) / f"{method}_{budget_text.rstrip('%')}"
-            run = Run(prep, train, test, settings, workdir, resume=True, fp32_dir=Path(args.workdir) / "fp32")
+            run = Run(prep, train, test, settings, workdir, resume=True, fp32_dir=Path(args.workdir) / "fp32",
+                      finetune=finetune)
             _, report = run.run({"experiment": True})
             write_json(workdir / "report.json", report)
             fp32 = fp32 or report["fp32"]
@@ -77,7 +80,8 @@ def write_table(args: argparse.Namespace, rows: list[tuple[str, str, dict]], fp3
              "Quantized rows: the compiled ONNX model in onnxruntime (ENABLE_ALL); FP32: the model in torch. "
              f"Search: {args.episodes} episodes ({args.warmup} warm-up), {args.search_images} search images from "
              f"`{args.train}`, IRS n' = {args.search_n} against an FP32 cache of n = {args.cache_n}; "
-             f"QAT {args.finetune_epochs} epoch(s). First and last layer fixed at 8 bits. ARQ and HAQ play the "
+             f"QAT {args.finetune_epochs} epoch(s) on `{args.finetune_data or args.train}` (crops and flips, noise σ). "
+             "First and last layer fixed at 8 bits. ARQ and HAQ play the "
              f"sensitivity-greedy policy in the last warm-up episode ({max(args.warmup - 1, 0)}, a demonstration) and "
              "explore around it; \"chosen episode\" is the episode whose policy won the search.", "",
              "| budget | method | BitOps % FP32 | " + " | ".join(f"r={r}" for r in RADII)

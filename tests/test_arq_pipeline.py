@@ -58,3 +58,20 @@ def test_existing_workdir_needs_resume_and_the_same_arguments(setup):
     with pytest.raises(ArqcError, match="other arguments"):
         Run(prep, train, test, replace(SETTINGS, method="uniform", seed=1), root / "u", resume=True,
             progress=False)
+
+
+def test_qat_runs_on_the_finetune_images(setup):
+    """--finetune-data: QAT uses those images (another set gives other weights), and it is part of the run's
+    arguments (a resume with another set is refused)."""
+    import torch
+
+    root, prep, train, test = setup
+    s = replace(SETTINGS, method="uniform")
+    other = load_images(f"npz:{root / 'test.npz'}")  # any other labelled set of the same shape
+    Run(prep, train, test, s, root / "ft_train", resume=False, progress=False).run({})
+    Run(prep, train, test, s, root / "ft_other", resume=False, progress=False, finetune=other).run({})
+    a = torch.load(root / "ft_train" / "qat.pt", weights_only=True)["model"]
+    b = torch.load(root / "ft_other" / "qat.pt", weights_only=True)["model"]
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    with pytest.raises(ArqcError, match="other arguments"):
+        Run(prep, train, test, s, root / "ft_other", resume=True, progress=False)

@@ -44,6 +44,13 @@ def test_bad_search_input_is_one_error_line(search_inputs, tmp_path, capsys, cas
     assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "r.json").exists()
 
 
+def test_finetune_on_the_test_images_is_refused(search_inputs, tmp_path, capsys):
+    test_spec = f"npz:{search_inputs / 'test.npz'}"
+    code, _, err = run_cli(_argv(search_inputs, tmp_path, "--budget", "5%", "--finetune-data", test_spec), capsys)
+    assert_one_error_line(code, err, "--finetune-data is the --test-data")
+    assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "work").exists()
+
+
 def test_search_runs_resumes_and_refuses_other_arguments(search_inputs, tmp_path, capsys):
     argv = _argv(search_inputs, tmp_path, "--budget", "5%")
     code, out, err = run_cli(argv, capsys)
