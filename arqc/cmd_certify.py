@@ -16,8 +16,10 @@ Resuming
 - With ``--json OUT`` a run keeps the state file ``OUT.state`` (or the ``--state PATH`` given): its first line
   records the arguments, the model's fingerprint and a digest of the images; every finished point is appended
   as one line. Rerunning the same command continues after the last finished point; a rerun with other
-  arguments, another model or other images is refused (delete the state file to start over). The state file is
-  removed once the JSON is written. ``--save-irs-cache`` runs are not resumable.
+  arguments, another model or other images is refused (delete the state file to start over). ``OUT.state`` is
+  removed once the JSON is written; a ``--state PATH`` you name is kept, and a later run on more images whose
+  first images are the earlier ones (a larger ``--num-images``) extends it instead of starting over.
+  ``--save-irs-cache`` runs are not resumable.
 
 Incremental randomized smoothing (IRS)
 - ``--save-irs-cache C`` certifies the full-precision f as usual and also writes what IRS needs (f's class on
@@ -243,7 +245,8 @@ def certify_with_cache(backend: Backend, root: str, x: np.ndarray, y: list[int],
 @click.option("--threads", type=int, help="CPU threads (torch, or onnxruntime's intra-op pool).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--state", "state", type=click.Path(dir_okay=False),
-              help="State file for resuming [default: JSON.state beside --json].")
+              help="State file for resuming [default: JSON.state beside --json, removed once the JSON is "
+              "written]. A named one is kept: a later run with a larger --num-images extends it.")
 @click.option("--irs-cache", type=click.Path(dir_okay=False),
               help="Certify MODEL incrementally against this cache of its full-precision model.")
 @click.option("--save-irs-cache", type=click.Path(dir_okay=False),
@@ -318,7 +321,7 @@ def certify(model, data, sigma, n, n0, alpha, num_images, skip, batch, seed, bac
     if json_path:
         write_json(json_path, result)
         click.echo(f"wrote {json_path}")
-    if state_path is not None and json_path:
+    if state_path is not None and json_path and state is None:  # a --state the user named is kept
         state_path.unlink(missing_ok=True)
 
 

@@ -4,6 +4,7 @@ Each point's noise seed derives from (run seed, image id), so a subset, a resume
 uninterrupted run give the same numbers. With ``state_path`` every finished point is appended as one
 JSON line to a state file whose first line records all arguments and the backend fingerprint; a rerun
 with the same arguments continues after the last finished point, a rerun with other arguments is refused.
+A rerun on more images, whose first images are the state file's, extends it.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def certify_dataset(
         "backend": {"name": backend.name, "fingerprint": backend.fingerprint()},
         "data": {"num_images": len(ids), "sha256": _data_digest(images, labels, ids)},
     }
-    points = _resume(Path(state_path), header, ids) if state_path is not None else []
+    points = (_resume(Path(state_path), header, ids, lambda k: _data_digest(images[:k], labels[:k], ids[:k]))
+              if state_path is not None else [])
     state = open(state_path, "a", encoding="utf-8") if state_path is not None else None
     try:
         todo = range(len(points), len(ids))
@@ -129,10 +131,12 @@ def _data_digest(images: np.ndarray, labels: list[int], ids: list[int]) -> str:
     return h.hexdigest()
 
 
-def _resume(path: Path, header: dict, ids: list[int]) -> list[dict]:
+def _resume(path: Path, header: dict, ids: list[int], prefix_digest) -> list[dict]:
     """Finished points from an existing state file (creating it, with the header, if absent).
 
-    Refuses a state file of other arguments; drops a last line that was cut off mid-write.
+    Refuses a state file of other arguments; drops a last line that was cut off mid-write. A state file of
+    fewer images that are the first images of this run (``prefix_digest(k)`` is the data digest of the first
+    k) is extended: a point depends only on the arguments, the model, its image, label and id.
     """
     if not path.exists() or path.stat().st_size == 0:
         path.write_text(json.dumps(header) + "\n", encoding="utf-8")
@@ -150,6 +154,13 @@ def _resume(path: Path, header: dict, ids: list[int]) -> list[dict]:
         path.write_text(json.dumps(header) + "\n", encoding="utf-8")
         return []
     old = lines[0]
+    if _is_prefix(old.get("data"), header["data"], prefix_digest) and all(
+            old.get(key) == header[key] for key in ("format", "version", "args", "backend")):
+        old = header  # more images than the state file's: continue it under this run's header
+        text = "".join(json.dumps(line) + "\n" for line in [header, *lines[1:]])
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
     for key in ("format", "version", "args", "backend", "data"):
         if old.get(key) != header[key]:
             raise ArqcError(f"state file {str(path)!r} belongs to a run with other {key} "
@@ -160,6 +171,13 @@ def _resume(path: Path, header: dict, ids: list[int]) -> list[dict]:
         raise ArqcError(f"state file {str(path)!r} does not follow the image ids of this run; "
                         "delete it to start over")
     return points
+
+
+def _is_prefix(old: dict | None, new: dict, prefix_digest) -> bool:
+    """Whether a state file's data (``old``) is the first images of this run's (``new``), and fewer."""
+    if not isinstance(old, dict) or not isinstance(old.get("num_images"), int):
+        return False
+    return 0 < old["num_images"] < new["num_images"] and prefix_digest(old["num_images"]) == old.get("sha256")
 
 
 def _result(header: dict, backend: Backend, points: list[dict], radii: Sequence[float]) -> dict:

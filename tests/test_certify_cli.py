@@ -340,3 +340,23 @@ def test_bad_compile_verify_input_is_one_line_and_writes_nothing(case, files, tm
     assert code == 2, (out, err)
     assert len(err.strip().splitlines()) == 1 and err.startswith("arqc: error: "), err
     assert list(work.iterdir()) == []
+
+
+def test_a_named_state_file_is_kept_and_a_larger_run_extends_it(torch_run, files, tmp_path, capsys, monkeypatch):
+    real, calls = runtime.run._certify_point, []
+
+    def counts(*args, **kwargs):
+        calls.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime.run, "_certify_point", counts)
+    state = tmp_path / "keep.state"
+    base = ["certify", files["model"], "--data", files["data"], *SMALL, "--state", state]
+    code, _, err = arqc(capsys, *base, "--num-images", "2", "--json", tmp_path / "two.json")
+    assert code == 0, err
+    assert state.exists() and calls == [0, 1]
+    code, stdout, err = arqc(capsys, *base, "--json", tmp_path / "all.json")
+    assert code == 0, err
+    assert calls == [0, 1, 2, 3] and "2 of 4 points were done" in stdout  # only the two new images
+    assert without_timing(json.loads((tmp_path / "all.json").read_text())) == without_timing(torch_run[0]) | {
+        "model": str(files["model"]), "data": files["data"], "skip": 1}

@@ -259,3 +259,21 @@ def test_resume_with_another_model_or_other_images_is_refused(backend, tmp_path)
         certify_dataset(other, x[:2], y[:2], ids[:2], state_path=state, **ARGS)
     with pytest.raises(ArqcError, match="data"):
         certify_dataset(backend, x[1:3], y[1:3], ids[1:3], state_path=state, **ARGS)
+
+
+def test_more_images_extend_a_state_file_to_the_uninterrupted_result(backend, tmp_path):
+    """A run on 2 images, then on 6 whose first 2 are those: the first two points are not computed again, and
+    the result equals one run on the 6."""
+    x, y, ids = _dataset()
+    state = tmp_path / "s.jsonl"
+    first = certify_dataset(backend, x[:2], y[:2], ids[:2], state_path=state, **ARGS)
+    extended = certify_dataset(InterruptingBackend(calls=3 * 4), x, y, ids, state_path=state, **ARGS)  # 4 points
+    whole = certify_dataset(backend, x, y, ids, **ARGS)
+    assert _without_timing(extended) == _without_timing(whole)
+    assert extended["points"][:2] == first["points"]
+    assert json.loads(state.read_text().splitlines()[0])["data"]["num_images"] == len(ids)
+    with pytest.raises(ArqcError, match="data"):  # fewer images than the state file: refused, as before
+        certify_dataset(backend, x[:2], y[:2], ids[:2], state_path=state, **ARGS)
+    certify_dataset(backend, x[:2], y[:2], ids[:2], state_path=tmp_path / "t.jsonl", **ARGS)
+    with pytest.raises(ArqcError, match="args"):  # more images, other arguments: refused
+        certify_dataset(backend, x, y, ids, state_path=tmp_path / "t.jsonl", **(ARGS | {"seed": 4}))
