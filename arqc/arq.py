@@ -204,22 +204,25 @@ class Run:
                                alpha=s.alpha, batch_size=s.batch_size, seed=s.seed + TEST_SEED_OFFSET,
                                state_path=state_path, progress=self.progress)
 
+    def policy(self) -> tuple[Policy, list[dict]]:
+        """The search stage: the chosen policy and the episode log (from policy.json once it is done)."""
+        policy_path = self.dir / "policy.json"
+        if policy_path.exists():
+            saved = json.loads(policy_path.read_text())
+            self.timings.update(saved.get("timings_s", {}))  # the search ran in an earlier process
+            return {k: (v["w_bits"], v["a_bits"]) for k, v in saved["policy"].items()}, saved["episodes"]
+        policy, episodes = self._timed("search", self.search_policy)
+        write_json(policy_path, {"policy": policy_to_json(policy), "episodes": episodes,
+                                 "timings_s": dict(self.timings)})
+        return policy, episodes
+
     def run(self, settings_meta: dict, verify: bool = False,
             max_disagreement: float = 1.0) -> tuple[onnx.ModelProto, dict]:
         """All stages; returns the ONNX model (with the report in its metadata) and the report. With
         ``verify``, onnxruntime and the torch simulation run on the same noisy samples of the final
         certification and their disagreement rate goes into the report (refused above ``max_disagreement``)."""
         s = self.s
-        policy_path = self.dir / "policy.json"
-        if policy_path.exists():
-            saved = json.loads(policy_path.read_text())
-            policy = {k: (v["w_bits"], v["a_bits"]) for k, v in saved["policy"].items()}
-            episodes = saved["episodes"]
-            self.timings.update(saved.get("timings_s", {}))  # the search ran in an earlier process
-        else:
-            policy, episodes = self._timed("search", self.search_policy)
-            data = {"policy": policy_to_json(policy), "episodes": episodes, "timings_s": dict(self.timings)}
-            write_json(policy_path, data)
+        policy, episodes = self.policy()
         sim = self.make_sim(policy)
         ft = self.finetune_set
         self._timed("qat", lambda: finetune(sim, ft.x, ft.y, sigma=s.sigma, epochs=s.finetune_epochs, lr=s.lr,
