@@ -63,6 +63,9 @@ class SearchSettings:
     lam: float = 0.0  # weight of clean smoothed accuracy in the ARQ reward
     finetune_epochs: int = 1
     finetune_augment: str = "auto"  # QAT augmentation (arqc.train.AUGMENTS; auto: crops and flips for colour)
+    # HAQ's short fine-tune of every candidate before its reward: epochs on the --data images outside the search
+    # split (0: off, the CPU default; the reward then ranks the calibrated, not yet fine-tuned, candidates)
+    episode_finetune_epochs: int = 0
     lr: float = 1e-3
     test_images: int = 500
     seed: int = 0
@@ -103,6 +106,10 @@ class Run:
                             f"{settings.calib_images + settings.search_images}: lower --search-images")
         self.calib = train.subset(num=settings.calib_images)
         self.search = train.subset(num=settings.search_images, start=settings.calib_images)
+        outside = torch.cat([torch.arange(settings.calib_images),
+                             torch.arange(settings.calib_images + settings.search_images, len(train))])
+        self.episode_tune = ImageSet(train.x[outside], train.y[outside], train.ids[outside], train.spec,
+                                     train.num_classes)  # never the search images the reward scores
         self.test_set = test.subset(num=min(settings.test_images, len(test)))
         self._check_args(resume)
 
@@ -135,6 +142,15 @@ class Run:
         calib_sigma = self.s.sigma if self.s.calib_sigma is None else self.s.calib_sigma
         return quantize(self.prep, policy, self.calib, self.s.calib_images, self.s.scales, calib_sigma, ranges)
 
+    def candidate_sim(self, policy: Policy) -> torch.fx.GraphModule:
+        """A search candidate: the calibrated simulation, fine-tuned for ``episode_finetune_epochs`` if set."""
+        s, sim = self.s, self.make_sim(policy)
+        if s.episode_finetune_epochs > 0:
+            tune = self.episode_tune
+            finetune(sim, tune.x, tune.y, sigma=s.sigma, epochs=s.episode_finetune_epochs, lr=s.lr, seed=s.seed,
+                     progress=False, augmentation=s.finetune_augment)
+        return sim
+
     # -- stages ----------------------------------------------------------------------------------------
     def fp32_cache(self):
         path, s = self.fp32_dir / "fp32_irs_cache.npz", self.s
@@ -158,10 +174,10 @@ class Run:
         env = BitAllocationEnv(self.layers, s.budget, s.min_bits, s.max_bits, self.fixed)
         ids = [int(i) for i in self.search.ids]
         if s.method == "haq":
-            reward = AccuracyReward(self.make_sim, self.search.x, self.search.y, s.batch_size)
+            reward = AccuracyReward(self.candidate_sim, self.search.x, self.search.y, s.batch_size)
         else:
             cache = self._timed("fp32 cache", self.fp32_cache)
-            reward = CertifiedReward(self.make_sim, self.search.x, self.search.y, ids, cache, s.search_n,
+            reward = CertifiedReward(self.candidate_sim, self.search.x, self.search.y, ids, cache, s.search_n,
                                      s.lam, s.batch_size, make_backend=self._candidate_backend)
         state = self.dir / "search_state.pt"
         if s.method == "random":
@@ -177,7 +193,7 @@ class Run:
     def _candidate_backend(self, policy: Policy) -> OrtBackend:
         """A candidate as it will be deployed: lowered to QDQ ONNX and run in onnxruntime (about twice as
         fast as the torch simulation on a CPU, so the search can afford more samples)."""
-        return OrtBackend(to_onnx(self.make_sim(policy), {}).SerializeToString(), batch_size=self.s.batch_size)
+        return OrtBackend(to_onnx(self.candidate_sim(policy), {}).SerializeToString(), batch_size=self.s.batch_size)
 
     def _greedy(self) -> Policy:
         gen = torch.Generator().manual_seed(self.s.seed)
@@ -282,9 +298,10 @@ def compile_with_search(model: str, output: str, *, arch, trust_pickle, input_sh
     if data is None:
         raise ArqcError("--budget needs --data SPEC: training images for calibration, search and QAT")
     if options["episodes"] < 1 or options["warmup"] < 0 or options["search_images"] < 1 or \
-            options["search_n"] < 1 or options["cache_n"] < options["search_n"] or options["finetune_epochs"] < 0:
-        raise ArqcError("need --episodes >= 1, --warmup >= 0, --search-images >= 1, --finetune-epochs >= 0 "
-                        "and --search-n <= --cache-n")
+            options["search_n"] < 1 or options["cache_n"] < options["search_n"] or options["finetune_epochs"] < 0 \
+            or options["episode_finetune_epochs"] < 0:
+        raise ArqcError("need --episodes >= 1, --warmup >= 0, --search-images >= 1, --finetune-epochs >= 0, "
+                        "--episode-finetune-epochs >= 0 and --search-n <= --cache-n")
     train, test = load_images(data), load_images(check.test_data)
     prep = prepare(model, arch, trust_pickle, input_shape, train)
     check_compatible(test, prep.input_shape, prep.loaded.num_classes)
@@ -300,6 +317,7 @@ def compile_with_search(model: str, output: str, *, arch, trust_pickle, input_sh
         warmup=options["warmup"], demo=options["demo"], search_images=options["search_images"],
         cache_n=options["cache_n"], search_n=options["search_n"], n0=check.n0, n=check.n, alpha=check.alpha,
         lam=options["lam"], finetune_epochs=options["finetune_epochs"], lr=options["lr"], test_images=check.num_images,
+        episode_finetune_epochs=options["episode_finetune_epochs"],
         seed=check.seed, scales=scales, calib_images=calib_images, calib_sigma=calib_sigma)
     workdir = Path(options["workdir"] or f"{output}.arqc")
     run = Run(prep, train, test, settings, workdir, options["resume"], finetune=finetune_set)

@@ -113,13 +113,16 @@ def search_options(f):
                      help="Noise-aware QAT epochs on --finetune-data."),
         click.option("--finetune-data", help="Training images for QAT, e.g. the whole training split "
                      "[default: --data]. Never the test images."),
+        click.option("--episode-finetune-epochs", type=int, default=d.episode_finetune_epochs, show_default=True,
+                     help="Fine-tune every search candidate for this many epochs (HAQ) on the --data images "
+                     "outside the search split before scoring it (0 = off)."),
         click.option("--lr", type=float, default=d.lr, show_default=True, help="QAT learning rate."),
         click.option("--workdir", help="Where the stages are kept [default: OUTPUT.arqc/]."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run in --workdir."),
         click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write the HTML report."),
     ]
     names = ["budget", "method", "episodes", "warmup", "demo", "search_images", "cache_n", "search_n", "lam",
-             "finetune_epochs", "finetune_data", "lr", "workdir", "resume", "html_path"]
+             "finetune_epochs", "finetune_data", "episode_finetune_epochs", "lr", "workdir", "resume", "html_path"]
 
     def collect(**kwargs):
         search = {k: kwargs.pop(k) for k in names}

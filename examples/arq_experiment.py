@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--finetune-data", help="data spec of the QAT images [default: --train]")
+    p.add_argument("--episode-finetune-epochs", type=int, default=0,
+                   help="fine-tune every search candidate (HAQ) on the --train images outside the search split")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -60,7 +62,8 @@ def main() -> None:
     base = SearchSettings(sigma=args.sigma, episodes=args.episodes, warmup=args.warmup,
                           search_images=args.search_images, cache_n=args.cache_n, search_n=args.search_n,
                           n0=args.n0, n=args.n, alpha=args.alpha, finetune_epochs=args.finetune_epochs,
-                          test_images=args.test_images, seed=args.seed)
+                          test_images=args.test_images, seed=args.seed,
+                          episode_finetune_epochs=args.episode_finetune_epochs)
     rows, fp32 = [], None
     done: dict[tuple[str, str], tuple[str, dict]] = {}  # (budget, policy) -> the row that fine-tuned and certified it
     for budget_text in args.budgets.split(","):

@@ -75,3 +75,27 @@ def test_qat_runs_on_the_finetune_images(setup):
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
     with pytest.raises(ArqcError, match="other arguments"):
         Run(prep, train, test, s, root / "ft_other", resume=True, progress=False)
+
+
+def test_episode_finetune_tunes_each_candidate_outside_the_search_images(setup, monkeypatch):
+    """--episode-finetune-epochs (HAQ's per-candidate fine-tune): every distinct candidate is fine-tuned once,
+    on the calibration and remaining training images but never on the search images its reward scores."""
+    import arqc.arq
+
+    root, prep, train, test = setup
+    tuned = []
+    real = arqc.arq.finetune
+
+    def spy(sim, images, labels, **kwargs):
+        tuned.append(images)
+        return real(sim, images, labels, **kwargs)
+
+    monkeypatch.setattr(arqc.arq, "finetune", spy)
+    s = replace(SETTINGS, method="random", finetune_epochs=0, episode_finetune_epochs=1)
+    run = Run(prep, train, test, s, root / "episode_ft", resume=False, progress=False)
+    policy, episodes = run.policy()
+    assert len(episodes) == 3 and 1 <= len(tuned) <= 3  # distinct policies only (the reward memoizes)
+    search = {tuple(x.flatten().tolist()) for x in run.search.x}
+    for images in tuned:
+        assert len(images) == len(train) - s.search_images
+        assert not search & {tuple(x.flatten().tolist()) for x in images}
