@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -106,10 +107,6 @@ class Run:
                             f"{settings.calib_images + settings.search_images}: lower --search-images")
         self.calib = train.subset(num=settings.calib_images)
         self.search = train.subset(num=settings.search_images, start=settings.calib_images)
-        outside = torch.cat([torch.arange(settings.calib_images),
-                             torch.arange(settings.calib_images + settings.search_images, len(train))])
-        self.episode_tune = ImageSet(train.x[outside], train.y[outside], train.ids[outside], train.spec,
-                                     train.num_classes)  # never the search images the reward scores
         self.test_set = test.subset(num=min(settings.test_images, len(test)))
         self._check_args(resume)
 
@@ -141,6 +138,13 @@ class Run:
         """The calibrated simulation of ``policy`` (with ``ranges``: those activation ranges, no calibration run)."""
         calib_sigma = self.s.sigma if self.s.calib_sigma is None else self.s.calib_sigma
         return quantize(self.prep, policy, self.calib, self.s.calib_images, self.s.scales, calib_sigma, ranges)
+
+    @cached_property
+    def episode_tune(self) -> ImageSet:
+        """The images of the per-candidate fine-tune: --data without the search images the reward scores."""
+        s, train = self.s, self.train
+        outside = torch.cat([torch.arange(s.calib_images), torch.arange(s.calib_images + s.search_images, len(train))])
+        return ImageSet(train.x[outside], train.y[outside], train.ids[outside], train.spec, train.num_classes)
 
     def candidate_sim(self, policy: Policy) -> torch.fx.GraphModule:
         """A search candidate: the calibrated simulation, fine-tuned for ``episode_finetune_epochs`` if set."""
@@ -278,8 +282,13 @@ def build_report(s: SearchSettings, policy: Policy, prof, quantized: dict, fp32:
                           "num_images": quantized["num_images"], "backend": quantized["backend"],
                           "seed": quantized["seed"]},
         "layers": prof.to_json()["layers"], "timings_s": timings,
-        "search_samples": int(np.sum([e.get("samples", 0) for e in episodes])),
+        "search_samples": search_samples(episodes),
     }
+
+
+def search_samples(episodes: list[dict]) -> int:
+    """Noisy samples the search spent over its episodes (the report's ``search_samples``)."""
+    return int(np.sum([e.get("samples", 0) for e in episodes]))
 
 
 def compile_with_search(model: str, output: str, *, arch, trust_pickle, input_shape, data, calib_images,

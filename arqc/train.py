@@ -129,10 +129,6 @@ def _file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _augment_kind(cfg: TrainConfig, images: ImageSet) -> str:
-    return resolve_augment(cfg.augment, images.x)
-
-
 def resolve_augment(kind: str, x: torch.Tensor) -> str:
     """``auto``: crops and flips for colour photos (3 channels), nothing for digits; other kinds as given."""
     if kind != "auto":
@@ -282,7 +278,7 @@ def train(prep: Prepared, resume: bool = False, device: str | None = None, progr
     elif rpath.exists():
         raise ArqcError(f"{rpath} exists from an interrupted run; pass --resume to continue it, "
                         "or delete it to start over")
-    kind = _augment_kind(cfg, prep.train)
+    kind = resolve_augment(cfg.augment, prep.train.x)
     steps_per_epoch = math.ceil(len(prep.train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     for epoch in range(start_epoch, cfg.epochs):

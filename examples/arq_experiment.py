@@ -21,7 +21,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from arqc.arq import Run, SearchSettings
+from arqc.arq import Run, SearchSettings, search_samples
 from arqc.data import load_images
 from arqc.loading import atomic_write, write_json
 from arqc.pipeline import prepare
@@ -79,7 +79,7 @@ def main() -> None:
                 first, shared = done[key]
                 report = shared | {"method": method, "episodes": episodes, "shared_with": first,
                                    "timings_s": {"search": run.timings.get("search", 0.0)},
-                                   "search_samples": int(sum(e.get("samples", 0) for e in episodes))}
+                                   "search_samples": search_samples(episodes)}
             else:
                 _, report = run.run({"experiment": True})
                 done[key] = (method, report)
@@ -98,7 +98,8 @@ def write_table(args: argparse.Namespace, rows: list[tuple[str, str, dict]], fp3
              "Quantized rows: the compiled ONNX model in onnxruntime (ENABLE_ALL); FP32: the model in torch. "
              f"Search: {args.episodes} episodes ({args.warmup} warm-up), {args.search_images} search images from "
              f"`{args.train}`, IRS n' = {args.search_n} against an FP32 cache of n = {args.cache_n}; "
-             f"QAT {args.finetune_epochs} epoch(s) on `{args.finetune_data or args.train}` (crops and flips, noise σ). "
+             f"QAT {args.finetune_epochs} epoch(s) on `{args.finetune_data or args.train}` "
+             "(noise σ; crops and flips for colour images, as `arqc train`). "
              "First and last layer fixed at 8 bits. ARQ and HAQ play the "
              f"sensitivity-greedy policy in the last warm-up episode ({max(args.warmup - 1, 0)}, a demonstration) and "
              "explore around it; \"chosen episode\" is the episode whose policy won the search.", "",
