@@ -30,6 +30,7 @@ from arqc.errors import ArqcError
 from arqc.loading import atomic_write, write_json
 from arqc.pipeline import Prepared, quantize, to_onnx
 from arqc.qat import finetune
+from arqc.train import resolve_device
 from passes.analysis import profile
 from passes.meta import FP32
 from passes.policy import Policy, apply_policy, policy_to_json
@@ -82,6 +83,7 @@ class SearchSettings:
     calib_images: int = 256
     calib_sigma: float | None = None  # noise on calibration images; None: σ (what the base model sees)
     batch_size: int = 400
+    device: str | None = None  # torch work (QAT, fine-tunes, FP32 sampling): cpu or cuda[:N]; None: cuda if any
 
 
 class Run:
@@ -98,6 +100,7 @@ class Run:
         self.timings: dict[str, float] = {}
         if settings.method not in METHODS:
             raise ArqcError(f"unknown method '{settings.method}'; choose one of {', '.join(METHODS)}")
+        self.device = str(resolve_device(settings.device))
         self.layers = layer_specs(prep.gm)
         names = [layer.name for layer in self.layers]
         self.fixed = {names[0]: 8, names[-1]: 8} if settings.keep_first_last else {}
@@ -112,8 +115,13 @@ class Run:
 
     # -- bookkeeping -----------------------------------------------------------------------------------
     def _signature(self) -> dict:
-        return {"settings": asdict(self.s), "model": TorchBackend(self.prep.gm).fingerprint(),
-                "train": self.train.spec, "test": self.test.spec, "finetune": self.finetune_set.spec}
+        # "device" is where the torch stages run, resolved (None → this machine's choice): a GPU's float sums
+        # differ from a CPU's, so a run started on one is not continued on the other
+        settings = asdict(self.s)
+        del settings["device"]
+        return {"settings": settings, "model": TorchBackend(self.prep.gm, device="cpu").fingerprint(),
+                "train": self.train.spec, "test": self.test.spec, "finetune": self.finetune_set.spec,
+                "device": self.device}
 
     def _check_args(self, resume: bool) -> None:
         args = self.dir / "args.json"
@@ -121,9 +129,15 @@ class Run:
             if not resume:
                 raise ArqcError(f"work directory {self.dir} holds an earlier run; pass --resume to continue "
                                 "it, or remove the directory to start over")
-            if json.loads(args.read_text()) != self._signature():
-                raise ArqcError(f"--resume with other arguments than the run in {self.dir}; use the same "
-                                "arguments, or remove the directory to start over")
+            saved, now = json.loads(args.read_text()), self._signature()
+            if saved != now:
+                key = next(k for k in now if saved.get(k) != now[k])
+                if key == "device":
+                    raise ArqcError(f"the run in {self.dir} ran its torch stages on {saved.get(key)}, this one "
+                                    f"would use {now[key]}; resume it with --device {saved.get(key)}, or remove "
+                                    "the directory to start over")
+                raise ArqcError(f"--resume with other arguments than the run in {self.dir} (they differ in "
+                                f"'{key}'); use the same arguments, or remove the directory to start over")
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
             write_json(args, self._signature())
@@ -152,13 +166,13 @@ class Run:
         if s.episode_finetune_epochs > 0:
             tune = self.episode_tune
             finetune(sim, tune.x, tune.y, sigma=s.sigma, epochs=s.episode_finetune_epochs, lr=s.lr, seed=s.seed,
-                     progress=False, augmentation=s.finetune_augment)
+                     progress=False, augmentation=s.finetune_augment, device=self.device)
         return sim
 
     # -- stages ----------------------------------------------------------------------------------------
     def fp32_cache(self):
         path, s = self.fp32_dir / "fp32_irs_cache.npz", self.s
-        backend = TorchBackend(self.prep.gm, batch_size=s.batch_size)
+        backend = TorchBackend(self.prep.gm, batch_size=s.batch_size, device=self.device)
         ids = [int(i) for i in self.search.ids]
         if path.exists():
             return load_cache(path, fingerprint=backend.fingerprint(), sigma=s.sigma, n=s.cache_n, ids=ids)
@@ -247,16 +261,17 @@ class Run:
         ft = self.finetune_set
         self._timed("qat", lambda: finetune(sim, ft.x, ft.y, sigma=s.sigma, epochs=s.finetune_epochs, lr=s.lr,
                                             seed=s.seed, state_path=self.dir / "qat.pt", progress=self.progress,
-                                            augmentation=s.finetune_augment))
+                                            augmentation=s.finetune_augment, device=self.device))
         meta = dict(settings_meta, search=asdict(s))
         model = to_onnx(sim, meta)
         backend = OrtBackend(model.SerializeToString(), batch_size=s.batch_size)
         if verify:
-            backend = ComparingBackend(backend, TorchBackend(sim, batch_size=s.batch_size))
+            backend = ComparingBackend(backend, TorchBackend(sim, batch_size=s.batch_size, device=self.device))
         quantized = self._timed("certify onnx", lambda: self.certify(backend, self.dir / "certify_quantized.jsonl"))
         self.fp32_dir.mkdir(parents=True, exist_ok=True)
         fp32 = self._timed("certify fp32", lambda: self.certify(
-            TorchBackend(self.prep.gm, batch_size=s.batch_size), self.fp32_dir / "certify_fp32.jsonl"))
+            TorchBackend(self.prep.gm, batch_size=s.batch_size, device=self.device),
+            self.fp32_dir / "certify_fp32.jsonl"))
         apply_policy(self.prep.gm, policy)
         report = build_report(s, policy, profile(self.prep.gm), quantized, fp32, episodes, self.timings)
         if verify:
@@ -327,7 +342,7 @@ def compile_with_search(model: str, output: str, *, arch, trust_pickle, input_sh
         cache_n=options["cache_n"], search_n=options["search_n"], n0=check.n0, n=check.n, alpha=check.alpha,
         lam=options["lam"], finetune_epochs=options["finetune_epochs"], lr=options["lr"], test_images=check.num_images,
         episode_finetune_epochs=options["episode_finetune_epochs"],
-        seed=check.seed, scales=scales, calib_images=calib_images, calib_sigma=calib_sigma)
+        seed=check.seed, scales=scales, calib_images=calib_images, calib_sigma=calib_sigma, device=options["device"])
     workdir = Path(options["workdir"] or f"{output}.arqc")
     run = Run(prep, train, test, settings, workdir, options["resume"], finetune=finetune_set)
     meta = {"source": prep.loaded.source, "arch": prep.loaded.arch, "input_shape": list(prep.input_shape),

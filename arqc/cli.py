@@ -117,12 +117,15 @@ def search_options(f):
                      help="Fine-tune every search candidate for this many epochs (HAQ) on the --data images "
                      "outside the search split before scoring it (0 = off)."),
         click.option("--lr", type=float, default=d.lr, show_default=True, help="QAT learning rate."),
+        click.option("--device", help="Where QAT, fine-tunes and the FP32 model's sampling run: cpu or cuda[:N] "
+                     "[default: cuda when available]. Candidates run in onnxruntime on the CPU."),
         click.option("--workdir", help="Where the stages are kept [default: OUTPUT.arqc/]."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run in --workdir."),
         click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write the HTML report."),
     ]
     names = ["budget", "method", "episodes", "warmup", "demo", "search_images", "cache_n", "search_n", "lam",
-             "finetune_epochs", "finetune_data", "episode_finetune_epochs", "lr", "workdir", "resume", "html_path"]
+             "finetune_epochs", "finetune_data", "episode_finetune_epochs", "lr", "device", "workdir", "resume",
+             "html_path"]
 
     def collect(**kwargs):
         search = {k: kwargs.pop(k) for k in names}

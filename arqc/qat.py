@@ -4,6 +4,8 @@ augmentation at σ (as the smoothed classifier sees it) through the straight-thr
 Activation ranges stay as calibrated; weight scales follow the weights. The images get the same augmentation
 as ``arqc train`` (``auto``: random crops and flips for colour photos). SGD with momentum and a cosine
 schedule; one checkpoint per epoch (``state_path``) so an interrupted run resumes with the same result.
+It runs on a GPU when there is one (like ``arqc train``); batches, crops and noise are drawn on the CPU either
+way, so only the arithmetic moves.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ from tqdm import tqdm
 
 from arqc.errors import ArqcError
 from arqc.loading import atomic_write
-from arqc.train import AUGMENTS, augment, resolve_augment
+from arqc.train import AUGMENTS, augment, resolve_augment, resolve_device
 
 
 def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tensor, *, sigma: float,
              epochs: int, lr: float = 1e-3, batch_size: int = 128, seed: int = 0,
              state_path: str | Path | None = None, progress: bool = True,
-             augmentation: str = "none") -> torch.fx.GraphModule:
+             augmentation: str = "none", device: str | None = None) -> torch.fx.GraphModule:
     """Fine-tune ``sim`` in place on (images, labels), augmented (one of ``arqc.train.AUGMENTS``), with noise
-    N(0, σ²) added to the [0, 1] pixels."""
+    N(0, σ²) added to the [0, 1] pixels, on ``device`` (default: cuda when available); ``sim`` ends on the
+    CPU."""
     if epochs < 0 or lr <= 0 or sigma < 0:
         raise ArqcError(f"fine-tuning needs epochs >= 0, lr > 0, sigma >= 0 (got {epochs}, {lr}, {sigma})")
     if augmentation not in AUGMENTS:
@@ -33,6 +36,8 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
     kind = resolve_augment(augmentation, images)
     if epochs == 0:
         return sim
+    dev = resolve_device(device)
+    sim.to(dev)
     params = [p for p in sim.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(images) / batch_size)
@@ -55,19 +60,20 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
         for idx in bar:
             x = augment(images[idx], kind, gen)
             x = x + sigma * torch.randn(x.shape, generator=gen)
-            logits = sim(x)
-            loss = torch.nn.functional.cross_entropy(logits, labels[idx])
+            y = labels[idx].to(dev)
+            logits = sim(x.to(dev))
+            loss = torch.nn.functional.cross_entropy(logits, y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             schedule.step()
             total += len(idx)
-            correct += int((logits.argmax(1) == labels[idx]).sum())
+            correct += int((logits.argmax(1) == y).sum())
             loss_sum += loss.item() * len(idx)
             bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
         if state_path is not None:
             state = {"model": sim.state_dict(), "opt": opt.state_dict(), "schedule": schedule.state_dict(),
                      "gen": gen.get_state(), "epoch": epoch + 1}
             atomic_write(state_path, lambda f, state=state: torch.save(state, f))
-    sim.eval()
+    sim.to("cpu").eval()
     return sim

@@ -217,7 +217,8 @@ def _init_model(path: str, arch: str) -> nn.Module:
     return loaded.model
 
 
-def _device(name: str | None) -> torch.device:
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: cpu or cuda[:N]; None means cuda when a GPU is available, else cpu."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -260,7 +261,7 @@ def train(prep: Prepared, resume: bool = False, device: str | None = None, progr
           log=print) -> dict:
     """Run (or continue) the training of ``prep``; write the final checkpoint and return its card."""
     cfg = prep.cfg
-    dev = _device(device)
+    dev = resolve_device(device)
     model = prep.model.to(dev)
     channels_last = dev.type == "cpu" and prep.train.x.ndim == 4  # faster convolutions on CPU
     if channels_last:

@@ -115,7 +115,7 @@ class QuantLayer:
 
     def weight_scale(self) -> torch.Tensor:
         if self.fixed_weight_scale is not None:
-            return self.fixed_weight_scale
+            return self.fixed_weight_scale.to(self.weight.device)  # a plain attribute: .to() leaves it
         return weight_scale(self.weight, self.w_bits, self.scales)
 
     def effective_weight(self) -> torch.Tensor:

@@ -8,6 +8,7 @@ The model's normalization lives inside the model. Backends run inputs in chunks 
 from __future__ import annotations
 
 import abc
+import copy
 import hashlib
 from pathlib import Path
 
@@ -58,15 +59,26 @@ class Backend(abc.ABC):
         return self.logits(x).argmax(axis=1).astype(np.int64)
 
 
+def _on(where: torch.device, device: torch.device) -> bool:
+    """Whether a tensor on ``where`` is on ``device`` (an index-less "cuda" accepts any GPU)."""
+    return where.type == device.type and (device.index is None or where.index == device.index)
+
+
 class TorchBackend(Backend):
-    """A torch.nn.Module in eval mode under inference_mode, on cuda when available unless ``device`` says."""
+    """A torch.nn.Module in eval mode under inference_mode, on cuda when available unless ``device`` says.
+
+    The caller's module stays on its device: a module elsewhere is copied to ``device``, so that building a
+    GPU backend of a model does not move the model under code that still runs it on the CPU."""
 
     name = "torch"
 
     def __init__(self, module: torch.nn.Module, batch_size: int = 400, device: str | None = None) -> None:
         super().__init__(batch_size)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.module = module.eval().to(self.device)
+        tensors = [*module.parameters(), *module.buffers()]
+        if any(not _on(t.device, self.device) for t in tensors):
+            module = copy.deepcopy(module).to(self.device)
+        self.module = module.eval()
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

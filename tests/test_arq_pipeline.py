@@ -60,6 +60,22 @@ def test_existing_workdir_needs_resume_and_the_same_arguments(setup):
             progress=False)
 
 
+def test_a_run_is_resumed_only_on_the_device_it_started_on(setup):
+    """The torch stages' device is part of the run's arguments, resolved (a GPU's sums differ from a CPU's);
+    a resume elsewhere is refused with the --device that continues it. A cuda run is faked in args.json."""
+    import json
+
+    root, prep, train, test = setup
+    s = replace(SETTINGS, method="uniform", device="cpu")
+    Run(prep, train, test, s, root / "dev", resume=False, progress=False)
+    args = json.loads((root / "dev" / "args.json").read_text())
+    assert args["device"] == "cpu" and "device" not in args["settings"]
+    Run(prep, train, test, replace(s, device=None), root / "dev", resume=True, progress=False)  # None → cpu here
+    (root / "dev" / "args.json").write_text(json.dumps(dict(args, device="cuda:0")))
+    with pytest.raises(ArqcError, match="ran its torch stages on cuda:0.*--device cuda:0"):
+        Run(prep, train, test, s, root / "dev", resume=True, progress=False)
+
+
 def test_qat_runs_on_the_finetune_images(setup):
     """--finetune-data: QAT uses those images (another set gives other weights), and it is part of the run's
     arguments (a resume with another set is refused)."""

@@ -189,3 +189,16 @@ def test_make_backend_and_a_new_backend_is_one_class(model, onnx_model, image):
 
     cert = certify(NumpyBackend(batch_size=8), image, 0.25, 5, 100, 0.001, 30, seed=0)
     assert cert.prediction == 1 and cert.nA == 100
+
+
+def test_torch_backend_leaves_the_callers_module_on_its_device():
+    """A backend on another device runs a copy: the caller may still run its module on the CPU (the ARQ
+    driver calibrates and ranks on the CPU with the model whose FP32 samples a GPU backend draws). "meta"
+    stands in for a GPU here: a device that is not the module's."""
+    module = tiny_convnet()
+    same = TorchBackend(module, device="cpu")
+    assert same.module is module
+    other = TorchBackend(module, device="meta")
+    assert other.module is not module
+    assert all(p.device.type == "cpu" for p in module.parameters())
+    assert all(p.device.type == "meta" for p in other.module.parameters())

@@ -21,12 +21,13 @@ class _Net(torch.nn.Module):
         return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
-def _tuned(channels: int, augmentation: str) -> dict:
+def _tuned(channels: int, augmentation: str, device: str = "cpu") -> dict:
     torch.manual_seed(0)
     gm = torch.fx.symbolic_trace(_Net(channels))
     gen = torch.Generator().manual_seed(1)
     x, y = torch.rand(24, channels, 8, 8, generator=gen), torch.arange(24) % 3
-    finetune(gm, x, y, sigma=0.25, epochs=1, lr=0.1, batch_size=8, progress=False, augmentation=augmentation)
+    finetune(gm, x, y, sigma=0.25, epochs=1, lr=0.1, batch_size=8, progress=False, augmentation=augmentation,
+             device=device)
     return gm.state_dict()
 
 
@@ -44,3 +45,17 @@ def test_auto_augments_colour_images_only():
 def test_unknown_augmentation_is_refused():
     with pytest.raises(ArqcError, match="unknown augmentation 'rotate'"):
         _tuned(1, "rotate")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused():
+    with pytest.raises(ArqcError, match="no CUDA GPU is available; use --device cpu"):
+        _tuned(1, "none", device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_qat_on_a_gpu_draws_the_same_batches_and_ends_on_the_cpu():
+    # same batches, crops and noise (drawn on the CPU); only float rounding differs
+    cpu, gpu = _tuned(3, "crop-flip", "cpu"), _tuned(3, "crop-flip", "cuda")
+    assert all(v.device.type == "cpu" for v in gpu.values())
+    assert all(torch.allclose(cpu[k], gpu[k], atol=1e-4) for k in cpu)
