@@ -131,8 +131,8 @@ class Run:
                                 "it, or remove the directory to start over")
             saved, now = json.loads(args.read_text()), self._signature()
             if saved != now:
-                key = next(k for k in now if saved.get(k) != now[k])
-                if key == "device":
+                key = next(k for k in {**saved, **now} if saved.get(k) != now.get(k))
+                if key == "device" and key in saved:
                     raise ArqcError(f"the run in {self.dir} ran its torch stages on {saved.get(key)}, this one "
                                     f"would use {now[key]}; resume it with --device {saved.get(key)}, or remove "
                                     "the directory to start over")

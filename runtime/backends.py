@@ -59,11 +59,6 @@ class Backend(abc.ABC):
         return self.logits(x).argmax(axis=1).astype(np.int64)
 
 
-def _on(where: torch.device, device: torch.device) -> bool:
-    """Whether a tensor on ``where`` is on ``device`` (an index-less "cuda" accepts any GPU)."""
-    return where.type == device.type and (device.index is None or where.index == device.index)
-
-
 class TorchBackend(Backend):
     """A torch.nn.Module in eval mode under inference_mode, on cuda when available unless ``device`` says.
 
@@ -75,8 +70,9 @@ class TorchBackend(Backend):
     def __init__(self, module: torch.nn.Module, batch_size: int = 400, device: str | None = None) -> None:
         super().__init__(batch_size)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        tensors = [*module.parameters(), *module.buffers()]
-        if any(not _on(t.device, self.device) for t in tensors):
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # where .to("cuda") puts tensors
+        if any(t.device != self.device for t in [*module.parameters(), *module.buffers()]):
             module = copy.deepcopy(module).to(self.device)
         self.module = module.eval()
 

@@ -74,6 +74,10 @@ def test_a_run_is_resumed_only_on_the_device_it_started_on(setup):
     (root / "dev" / "args.json").write_text(json.dumps(dict(args, device="cuda:0")))
     with pytest.raises(ArqcError, match="ran its torch stages on cuda:0.*--device cuda:0"):
         Run(prep, train, test, s, root / "dev", resume=True, progress=False)
+    del args["device"]  # a run whose arguments lack a key (an older arqc's): refused, naming the key
+    (root / "dev" / "args.json").write_text(json.dumps(args))
+    with pytest.raises(ArqcError, match="other arguments .*differ in 'device'"):
+        Run(prep, train, test, s, root / "dev", resume=True, progress=False)
 
 
 def test_qat_runs_on_the_finetune_images(setup):
