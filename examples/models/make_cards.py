@@ -3,6 +3,7 @@ it and, where there is one, the `arqc certify --json` result of that model; prin
 of examples/models/README.md.
 
     python examples/models/make_cards.py --results DIR    # DIR/<model stem>.json from arqc certify --json
+    python examples/models/make_cards.py --results DIR --models resnet20_cifar10_sigma050   # that card only
 
 Run from the repository root after `examples/make_models.sh` (which ends by calling it).
 """
@@ -101,9 +102,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", type=Path, help="folder of arqc certify --json results, <model stem>.json")
     p.add_argument("--data", type=Path, default=Path("../shared/data"), help="the shared data folder")
+    p.add_argument("--models", help="comma-separated model stems to rewrite; the other cards are left as they are "
+                   "[default: every shipped model]")
     args = p.parse_args()
+    shipped = sorted(MODELS.glob("*.pt"))
+    if args.models:
+        wanted = args.models.split(",")
+        unknown = sorted(set(wanted) - {pt.stem for pt in shipped})
+        if unknown:
+            p.error(f"no shipped model {', '.join(unknown)} in {MODELS}; "
+                    f"pick from {', '.join(pt.stem for pt in shipped)}")
+        shipped = [pt for pt in shipped if pt.stem in wanted]
     rows = []
-    for pt in sorted(MODELS.glob("*.pt")):
+    for pt in shipped:
         path = args.results / f"{pt.stem}.json" if args.results else None
         result = json.loads(path.read_text()) if path is not None and path.is_file() else None
         text = card(pt, result, args.data)
