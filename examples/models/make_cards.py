@@ -113,6 +113,11 @@ def main() -> None:
             p.error(f"no shipped model {', '.join(unknown)} in {MODELS}; "
                     f"pick from {', '.join(pt.stem for pt in shipped)}")
         shipped = [pt for pt in shipped if pt.stem in wanted]
+        missing = [pt.stem for pt in shipped
+                   if args.results is None or not (args.results / f"{pt.stem}.json").is_file()]
+        if missing:  # rewriting those cards would drop the certificate they show
+            p.error(f"no result {', '.join(m + '.json' for m in missing)} in --results; "
+                    "pass the folder of their arqc certify --json files")
     rows = []
     for pt in shipped:
         path = args.results / f"{pt.stem}.json" if args.results else None
