@@ -5,7 +5,9 @@ Models (all run at ORT_ENABLE_ALL on the CPU execution provider):
 - float:   arqc's lowering of the network at 32 bits (no Q/DQ);
 - ort-int8: onnxruntime.quantization.quantize_static of that float model (QDQ, per-channel int8 weights,
   uint8 activations, MinMax calibration on the same clean training images arqc calibrates on);
-- arqc W8A8 (float scales, DESIGN §2) and arqc W8A8 po2 (power-of-two scales).
+- arqc W8A8 (float scales, DESIGN §2) and arqc W8A8 po2 (power-of-two scales);
+- arqc W4A4 (no target: the sub-8-bit path, as most search policies use it; its activations are clamped to
+  the 4-bit grid after QuantizeLinear, in the integer domain).
 Throughput is images/s over the clean test images; each timed repeat runs every model once, round-robin,
 so that a busy machine slows all of them alike; the median repeat is reported.
 Targets: arqc W8A8 ≥ 1.3× float and ≥ 0.95× ort-int8.
@@ -115,6 +117,7 @@ def main() -> None:
         "ort-int8 (quantize_static QDQ)": ort_int8(float_onnx, calib.numpy()),
         "arqc W8A8": arqc_onnx(gm, 8, calib, "float"),
         "arqc W8A8 po2": arqc_onnx(gm, 8, calib, "po2"),
+        "arqc W4A4": arqc_onnx(gm, 4, calib, "float"),
     }
     built = {name: session(m, args.threads) for name, m in models.items()}
     sessions = {name: s for name, (s, _) in built.items()}
@@ -141,6 +144,7 @@ def main() -> None:
             ratio = median[arqc_name] / median[base]
             verdict = "met" if ratio >= target else "NOT met"
             print(f"{arqc_name} / {base}: {ratio:.2f}x (target >= {target}x: {verdict})")
+    print(f"arqc W4A4 / float (arqc, 32 bits): {median['arqc W4A4'] / median['float (arqc, 32 bits)']:.2f}x")
 
 
 if __name__ == "__main__":

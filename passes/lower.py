@@ -1,7 +1,7 @@
 """Lowering pass: a simulated (passes/quantize.py) graph to a QDQ ONNX model written by arqc itself.
 
 Every node is emitted by its registry entry (passes/ops.py); quantizable layers get
-- input:  [Clip to the b-bit range, when b < 8] → QuantizeLinear → DequantizeLinear (per tensor);
+- input:  QuantizeLinear → [integer Clip to the b-bit range, when b < 8] → DequantizeLinear (per tensor);
 - weight: integers already rounded and clamped to the b-bit range, in an 8-bit container (or a native INT4
   container for b ≤ 4 when asked) → DequantizeLinear (per output channel);
 - bias:   int32 → DequantizeLinear with scale s_x·s_w when input and weight are quantized, else float.
@@ -68,12 +68,14 @@ class OnnxBuilder:
         dtype = np.int8 if act.signed else np.uint8
         scale = self.const(np.float32(act.scale), f"{name}_x_scale")
         zero = self.const(dtype(act.zero_point), f"{name}_x_zero_point")
-        if act.bits < 8:  # the 8-bit container saturates at 8 bits only: clamp to the b-bit range first
-            lo = np.float32((act.qmin - act.zero_point) * np.float32(act.scale))
-            hi = np.float32((act.qmax - act.zero_point) * np.float32(act.scale))
-            x = self.op("Clip", [x, self.const(lo, f"{name}_x_min"), self.const(hi, f"{name}_x_max")],
-                        f"{name}_x_clip")
         q = self.op("QuantizeLinear", [x, scale, zero], f"{name}_x_q")
+        if act.bits < 8:
+            # the 8-bit container saturates at 8 bits only: clamp the integers to the b-bit range. Clamping
+            # after QuantizeLinear, in the integer domain, is exact (clamp∘saturate∘round) and leaves the
+            # producer's Conv → QuantizeLinear adjacent, so onnxruntime still fuses it into QLinearConv
+            # (a float Clip in front of QuantizeLinear blocked that fusion)
+            q = self.op("Clip", [q, self.const(dtype(act.qmin), f"{name}_x_qmin"),
+                                 self.const(dtype(act.qmax), f"{name}_x_qmax")], f"{name}_x_clip")
         return self.op("DequantizeLinear", [q, scale, zero], f"{name}_x_dq")
 
     def layer_operands(self, node: torch.fx.Node, x: str) -> tuple[str, str, str | None]:

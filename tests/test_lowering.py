@@ -230,33 +230,37 @@ def test_sub_8_bit_activations_are_clipped_to_their_grid(resnet20_case):
     for node in quantizable_nodes(sim):
         act = info(node).act
         dq = producers[_layer_inputs(model, node.name).input[0]]
-        q = producers[dq.input[0]]
-        assert (dq.op_type, q.op_type) == ("DequantizeLinear", "QuantizeLinear")
+        assert dq.op_type == "DequantizeLinear"
+        between = producers[dq.input[0]]  # QuantizeLinear, or the integer Clip behind it below 8 bits
+        q = producers[between.input[0]] if between.op_type == "Clip" else between
+        assert q.op_type == "QuantizeLinear"
         scale, zero = float(inits[q.input[1]]), inits[q.input[2]]
+        assert scale == np.float32(act.scale)
         assert zero.dtype == (np.int8 if act.signed else np.uint8) and int(zero) == act.zero_point
         assert act.signed == (not info(node.args[0]).nonneg)
-        clip = producers.get(q.input[0])
         if act.bits == 8:  # QuantizeLinear saturates at 8 bits by itself
-            assert clip is None or clip.name != f"{node.name}_x_clip"
+            assert between is q
             continue
-        assert clip.op_type == "Clip", node.name
-        lo, hi = float(inits[clip.input[1]]), float(inits[clip.input[2]])
-        for bound, q_int in ((lo, act.qmin), (hi, act.qmax)):  # on the grid: (q - zero_point) · scale
-            assert bound / scale == pytest.approx(q_int - act.zero_point, abs=1e-4)
+        assert between.op_type == "Clip", node.name
+        lo, hi = inits[between.input[1]], inits[between.input[2]]
+        assert lo.dtype == hi.dtype == zero.dtype  # in the integer domain, on the b-bit grid
+        assert (int(lo), int(hi)) == (act.qmin, act.qmax)
         assert act.qmax - act.qmin == 2**act.bits - 1
         seen.add(act.bits)
     assert seen >= {2, 3, 4}
 
 
-def test_enable_all_runs_integer_kernels(resnet20_case, tmp_path):
-    _, model, _, _ = compiled(resnet20_case, "W8A8", "float")
+@pytest.mark.parametrize("policy", POLICIES)
+def test_enable_all_runs_integer_kernels(resnet20_case, policy, tmp_path):
+    _, model, _, _ = compiled(resnet20_case, policy, "float")
     path = tmp_path / "optimized.onnx"
     session(model, "all", path)
     ops = [n.op_type for n in onnx.load(path).graph.node]
     integer = [op for op in ops if op in INTEGER_OPS]
-    print(f"ORT_ENABLE_ALL: {len(integer)} integer kernels ({sorted(set(integer))}); "
+    print(f"{policy} ORT_ENABLE_ALL: {len(integer)} integer kernels ({sorted(set(integer))}); "
           f"{ops.count('FusedConv') + ops.count('Conv')} float convolutions")
-    # 8-bit conv layers whose output feeds the next quantizer directly (conv → relu → Q) fuse to QLinearConv;
+    # conv layers whose output feeds the next quantizer directly (conv → relu → Q) fuse to QLinearConv at
+    # every bit width (below 8 bits the clamp to the b-bit grid sits after Q, in the integer domain);
     # ResNet-20 has 9 of them, and the classifier becomes QGemm
     assert ops.count("QLinearConv") >= 9 and len(integer) >= 10
 
