@@ -8,8 +8,10 @@ unquantized model in torch. Writes a markdown table (and the per-run report JSON
         --train npz:../shared/data/cifar10/train_first2000_lossless.npz \
         --test npz:../shared/data/cifar10/test_first1000_lossless.npz --out examples/results/arq_cifar10.md
 
-Every run keeps its stages in --workdir, so rerunning the same command resumes where it stopped. A method whose
-search ends on the policy an earlier row of the same budget already has (e.g. ARQ keeping the greedy
+Every run keeps its stages in --workdir, so rerunning the same command resumes where it stopped; a row whose
+report.json is there (written when the row finished) is not run again, so copying a work directory's small files
+(args.json, policy.json, report.json, and fp32/) is enough to carry finished rows over to another machine.
+A method whose search ends on the policy an earlier row of the same budget already has (e.g. ARQ keeping the greedy
 demonstration) shares that row's QAT and certificate: both depend only on the policy and the seeds, so running
 them again would give the same numbers.
 """
@@ -18,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 from arqc.arq import Run, SearchSettings, search_samples
 from arqc.data import load_images
+from arqc.errors import ArqcError
 from arqc.loading import atomic_write, write_json
 from arqc.pipeline import prepare
 from passes.policy import policy_to_json
@@ -31,6 +35,14 @@ RADII = ("0.00", "0.25", "0.50", "0.75", "1.00")  # keys of runtime.run results
 
 
 def main() -> None:
+    try:
+        experiment()
+    except ArqcError as err:  # bad input: one line, exit 2 (the table is only ever written whole)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def experiment() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--train", required=True, help="data spec of training images (calibration, search, QAT)")
@@ -53,8 +65,18 @@ def main() -> None:
     p.add_argument("--finetune-data", help="data spec of the QAT images [default: --train]")
     p.add_argument("--episode-finetune-epochs", type=int, default=0,
                    help="fine-tune every search candidate (HAQ) on the --train images outside the search split")
+    p.add_argument("--calib-images", type=int, default=256, help="training images that calibrate the ranges")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--table-only", action="store_true",
+                   help="rebuild --out from the reports already in --workdir; run nothing")
     args = p.parse_args()
+    if args.table_only:
+        rows = [(b, m, json.loads(path.read_text())) for b in args.budgets.split(",") for m in args.methods.split(",")
+                if (path := Path(args.workdir) / f"{m}_{b.rstrip('%')}" / "report.json").is_file()]
+        if not rows:
+            raise ArqcError(f"no report.json under {args.workdir}: run the experiment first")
+        write_table(args, rows, rows[0][2]["fp32"])
+        return
 
     train, test = load_images(args.train), load_images(args.test)
     finetune = load_images(args.finetune_data) if args.finetune_data else None
@@ -62,7 +84,7 @@ def main() -> None:
     base = SearchSettings(sigma=args.sigma, episodes=args.episodes, warmup=args.warmup,
                           search_images=args.search_images, cache_n=args.cache_n, search_n=args.search_n,
                           n0=args.n0, n=args.n, alpha=args.alpha, finetune_epochs=args.finetune_epochs,
-                          test_images=args.test_images, seed=args.seed,
+                          test_images=args.test_images, seed=args.seed, calib_images=args.calib_images,
                           episode_finetune_epochs=args.episode_finetune_epochs)
     rows, fp32 = [], None
     done: dict[tuple[str, str], tuple[str, dict]] = {}  # (budget, policy) -> the row that fine-tuned and certified it
@@ -75,15 +97,20 @@ def main() -> None:
                       finetune=finetune)
             policy, episodes = run.policy()
             key = (budget_text, json.dumps(policy_to_json(policy), sort_keys=True))
-            if key in done:  # the same QAT (seed, data) and certificate (seeds, images) as that row: reuse them
+            saved = workdir / "report.json"
+            if saved.is_file():  # the row finished in an earlier process (Run checked that its arguments match)
+                report = json.loads(saved.read_text())
+            elif key in done:  # the same QAT (seed, data) and certificate (seeds, images) as that row: reuse them
                 first, shared = done[key]
                 report = shared | {"method": method, "episodes": episodes, "shared_with": first,
                                    "timings_s": {"search": run.timings.get("search", 0.0)},
                                    "search_samples": search_samples(episodes)}
             else:
                 _, report = run.run({"experiment": True})
-                done[key] = (method, report)
-            write_json(workdir / "report.json", report)
+            if "shared_with" not in report:
+                done.setdefault(key, (method, report))
+            if not saved.is_file():
+                write_json(saved, report)
             fp32 = fp32 or report["fp32"]
             rows.append((budget_text, method, report))
             print(f"{budget_text} {method}: ACR {report['acr']:.3f} (FP32 {report['fp32']['acr']:.3f})", flush=True)
@@ -114,9 +141,28 @@ def write_table(args: argparse.Namespace, rows: list[tuple[str, str, dict]], fp3
         lines.append(f"| {budget_text} | {label} | {100 * r['bitops_ratio_fp32']:.3f} | "
                      + " | ".join(f"{100 * r['certified_accuracy'][x]:.1f}" for x in RADII)
                      + f" | {r['acr']:.3f} | {chosen} | {r['timings_s'].get('search', 0):.0f} |")
+    lines += policy_tables(rows)
+    options = {k: v for k, v in vars(args).items() if k != "table_only"}
     text = "\n".join(lines) + "\n\nCommand: `python examples/arq_experiment.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()) + "`\n"
+        f"--{k.replace('_', '-')} {v}" for k, v in options.items()) + "`\n"
     atomic_write(args.out, lambda f: f.write(text.encode()))
+
+
+def policy_tables(rows: list[tuple[str, str, dict]]) -> list[str]:
+    """Per budget, every method's bits per layer (w/a) and each layer's share of the FP32 MACs."""
+    lines = []
+    for budget in dict.fromkeys(b for b, _, _ in rows):
+        reports = [(m, r) for b, m, r in rows if b == budget]
+        layers = reports[0][1]["layers"]
+        macs = sum(layer["macs"] for layer in layers)
+        lines += ["", f"Bits per layer (weights/activations) at {budget}:", "",
+                  "| layer | MACs % | " + " | ".join(m for m, _ in reports) + " |",
+                  "|---|---|" + "---|" * len(reports)]
+        for layer in layers:
+            name = layer["name"]
+            lines.append(f"| {name} | {100 * layer['macs'] / macs:.1f} | " + " | ".join(
+                f"{r['policy'][name]['w_bits']}/{r['policy'][name]['a_bits']}" for _, r in reports) + " |")
+    return lines
 
 
 if __name__ == "__main__":
