@@ -72,7 +72,7 @@ def experiment() -> None:
     args = p.parse_args()
     if args.table_only:
         rows = [(b, m, json.loads(path.read_text())) for b in args.budgets.split(",") for m in args.methods.split(",")
-                if (path := Path(args.workdir) / f"{m}_{b.rstrip('%')}" / "report.json").is_file()]
+                if (path := row_dir(args, b, m) / "report.json").is_file()]
         if not rows:
             raise ArqcError(f"no report.json under {args.workdir}: run the experiment first")
         write_table(args, rows, rows[0][2]["fp32"])
@@ -92,13 +92,14 @@ def experiment() -> None:
         budget = float(budget_text.rstrip("%")) / 100
         for method in args.methods.split(","):
             settings = replace(base, method=method, budget=budget)
-            workdir = Path(args.workdir) / f"{method}_{budget_text.rstrip('%')}"
+            workdir = row_dir(args, budget_text, method)
             run = Run(prep, train, test, settings, workdir, resume=True, fp32_dir=Path(args.workdir) / "fp32",
                       finetune=finetune)
             policy, episodes = run.policy()
             key = (budget_text, json.dumps(policy_to_json(policy), sort_keys=True))
             saved = workdir / "report.json"
-            if saved.is_file():  # the row finished in an earlier process (Run checked that its arguments match)
+            finished = saved.is_file()
+            if finished:  # the row finished in an earlier process (Run checked that its arguments match)
                 report = json.loads(saved.read_text())
             elif key in done:  # the same QAT (seed, data) and certificate (seeds, images) as that row: reuse them
                 first, shared = done[key]
@@ -109,12 +110,17 @@ def experiment() -> None:
                 _, report = run.run({"experiment": True})
             if "shared_with" not in report:
                 done.setdefault(key, (method, report))
-            if not saved.is_file():
+            if not finished:
                 write_json(saved, report)
             fp32 = fp32 or report["fp32"]
             rows.append((budget_text, method, report))
             print(f"{budget_text} {method}: ACR {report['acr']:.3f} (FP32 {report['fp32']['acr']:.3f})", flush=True)
             write_table(args, rows, fp32)  # after every row, so a long experiment shows what it has
+
+
+def row_dir(args: argparse.Namespace, budget_text: str, method: str) -> Path:
+    """The work directory of one row (one method at one budget)."""
+    return Path(args.workdir) / f"{method}_{budget_text.rstrip('%')}"
 
 
 def write_table(args: argparse.Namespace, rows: list[tuple[str, str, dict]], fp32: dict) -> None:
