@@ -148,7 +148,8 @@ def write_table(args: argparse.Namespace, rows: list[tuple[str, str, dict]], fp3
                      + " | ".join(f"{100 * r['certified_accuracy'][x]:.1f}" for x in RADII)
                      + f" | {r['acr']:.3f} | {chosen} | {r['timings_s'].get('search', 0):.0f} |")
     lines += policy_tables(rows)
-    options = {k: v for k, v in vars(args).items() if k != "table_only"}
+    # a rerunnable command: options left at no value (None) are left out, as is the --table-only switch
+    options = {k: v for k, v in vars(args).items() if k != "table_only" and v is not None}
     text = "\n".join(lines) + "\n\nCommand: `python examples/arq_experiment.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in options.items()) + "`\n"
     atomic_write(args.out, lambda f: f.write(text.encode()))

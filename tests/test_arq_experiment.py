@@ -32,6 +32,8 @@ def test_experiment_table_and_rebuild(search_inputs, tmp_path):
     rows = [line for line in lines if line.startswith("| 5% |")]
     assert [row.split(" | ")[1].split()[0] for row in rows] == ["uniform", "greedy"]
     assert "n = 40, n0 = 10, α = 0.001, σ = 0.25" in table and "on 4 test images" in table
+    command = table.split("Command: `")[1]
+    assert "--finetune-data" not in command and "None" not in command  # not given: left out, rerunnable
     for method in ("uniform", "greedy"):  # each row's numbers are its report's
         report = json.loads((work / f"{method}_5" / "report.json").read_text())
         row = next(r for r in rows if r.split(" | ")[1].startswith(method))
