@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from arqc.errors import ArqcError
+from arqc.base import ArqcError
 
 CIFAR_MEAN, CIFAR_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what the akamaster models use
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

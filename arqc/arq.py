@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -25,69 +25,31 @@ import numpy as np
 import onnx
 import torch
 
+from arqc.base import ArqcError, first_difference, write_json
 from arqc.data import ImageSet
-from arqc.errors import ArqcError
-from arqc.loading import atomic_write, write_json
-from arqc.pipeline import Prepared, quantize, to_onnx
+from arqc.passes.analysis import profile
+from arqc.passes.meta import FP32
+from arqc.passes.policy import Policy, apply_policy, policy_to_json
+from arqc.passes.quantize import observed_ranges
+from arqc.passes.search.agent import DDPGConfig
+from arqc.passes.search.baselines import greedy_policy, sensitivity, uniform_policy
+from arqc.passes.search.budget import check_budget, layer_specs
+from arqc.passes.search.env import BitAllocationEnv
+from arqc.passes.search.loop import ddpg_search, random_search
+from arqc.pipeline import PreparedModel, quantize, to_onnx
 from arqc.qat import finetune
-from arqc.train import resolve_device
-from passes.analysis import profile
-from passes.meta import FP32
-from passes.policy import Policy, apply_policy, policy_to_json
-from passes.quantize import observed_ranges
-from passes.search.agent import DDPGConfig
-from passes.search.baselines import greedy_policy, sensitivity, uniform_policy
-from passes.search.budget import check_budget, layer_specs
-from passes.search.env import BitAllocationEnv
-from passes.search.loop import ddpg_search, random_search
-from passes.search.rewards import AccuracyReward, CertifiedReward
-from runtime.backends import ComparingBackend, OrtBackend, TorchBackend
-from runtime.irs import build_cache, load_cache
-from runtime.run import certify_dataset, check_disagreement
+from arqc.rewards import AccuracyReward, CertifiedReward
+from arqc.runtime.backends import ComparingBackend, OrtBackend, TorchBackend
+from arqc.runtime.devices import resolve_device
+from arqc.runtime.irs import build_cache, load_cache
+from arqc.runtime.run import CertifyResult, certify_dataset, check_disagreement
+from arqc.settings import CompileSettings, SearchSettings
 
-METHODS = ("arq", "haq", "uniform", "random", "greedy")
 TEST_SEED_OFFSET = 7919  # final certificates use other seeds than anything in the search
 
 
-@dataclass(frozen=True)
-class SearchSettings:
-    method: str = "arq"
-    budget: float = 0.015625
-    sigma: float = 0.25
-    episodes: int = 60
-    warmup: int = 20
-    search_images: int = 100
-    cache_n: int = 2000  # FP32 samples per search image (the IRS cache)
-    search_n: int = 500  # n' of the quantized model per search image and episode
-    n0: int = 100
-    n: int = 100_000
-    alpha: float = 0.001
-    lam: float = 0.0  # weight of clean smoothed accuracy in the ARQ reward
-    finetune_epochs: int = 1
-    finetune_augment: str = "auto"  # QAT augmentation (arqc.train.AUGMENTS; auto: crops and flips for colour)
-    # HAQ's short fine-tune of every candidate before its reward: epochs on the --data images outside the search
-    # split (0: off, the CPU default; the reward then ranks the calibrated, not yet fine-tuned, candidates)
-    episode_finetune_epochs: int = 0
-    lr: float = 1e-3
-    test_images: int = 500
-    seed: int = 0
-    scales: str = "float"
-    min_bits: int = 2
-    max_bits: int = 8
-    keep_first_last: bool = True  # HAQ keeps the first and last layer at 8 bits
-    demo: str = "greedy"  # arq/haq: the demonstration played in the last warm-up episode ("greedy" or "none")
-    # Exploration after the warm-up. With a demonstration it searches around it: σ ≈ one bit's bin, decaying;
-    # without one, HAQ's 0.5 decaying by 0.99 per episode.
-    explore_sigma: float = 0.15
-    explore_decay: float = 0.97
-    calib_images: int = 256
-    calib_sigma: float | None = None  # noise on calibration images; None: σ (what the base model sees)
-    batch_size: int = 400
-    device: str | None = None  # torch work (QAT, fine-tunes, FP32 sampling): cpu or cuda[:N]; None: cuda if any
-
-
 class Run:
-    def __init__(self, prep: Prepared, train: ImageSet, test: ImageSet, settings: SearchSettings,
+    def __init__(self, prep: PreparedModel, train: ImageSet, test: ImageSet, settings: SearchSettings,
                  workdir: Path, resume: bool, progress: bool = True, fp32_dir: Path | None = None,
                  finetune: ImageSet | None = None):
         """``fp32_dir``: where the FP32 model's IRS cache and certification live (default: ``workdir``);
@@ -98,8 +60,6 @@ class Run:
         self.dir, self.progress = Path(workdir), progress
         self.fp32_dir = Path(fp32_dir) if fp32_dir is not None else self.dir
         self.timings: dict[str, float] = {}
-        if settings.method not in METHODS:
-            raise ArqcError(f"unknown method '{settings.method}'; choose one of {', '.join(METHODS)}")
         self.device = str(resolve_device(settings.device))
         self.layers = layer_specs(prep.gm)
         names = [layer.name for layer in self.layers]
@@ -130,8 +90,8 @@ class Run:
                 raise ArqcError(f"work directory {self.dir} holds an earlier run; pass --resume to continue "
                                 "it, or remove the directory to start over")
             saved, now = json.loads(args.read_text()), self._signature()
-            if saved != now:
-                key = next(k for k in {**saved, **now} if saved.get(k) != now.get(k))
+            key = first_difference(saved, now)
+            if key is not None:
                 if key == "device" and key in saved:
                     raise ArqcError(f"the run in {self.dir} ran its torch stages on {saved.get(key)}, this one "
                                     f"would use {now[key]}; resume it with --device {saved.get(key)}, or remove "
@@ -211,7 +171,7 @@ class Run:
     def _candidate_backend(self, policy: Policy) -> OrtBackend:
         """A candidate as it will be deployed: lowered to QDQ ONNX and run in onnxruntime (about twice as
         fast as the torch simulation on a CPU, so the search can afford more samples)."""
-        return OrtBackend(to_onnx(self.candidate_sim(policy), {}).SerializeToString(), batch_size=self.s.batch_size)
+        return OrtBackend(to_onnx(self.candidate_sim(policy)).SerializeToString(), batch_size=self.s.batch_size)
 
     def _greedy(self) -> Policy:
         gen = torch.Generator().manual_seed(self.s.seed)
@@ -232,7 +192,7 @@ class Run:
         sens = sensitivity(self.layers, logits_of, reference, self.s.min_bits, self.s.max_bits)
         return greedy_policy(self.layers, self.s.budget, sens, self.s.min_bits, self.s.max_bits, self.fixed)
 
-    def certify(self, backend, state_path: Path) -> dict:
+    def certify(self, backend, state_path: Path) -> CertifyResult:
         s, t = self.s, self.test_set
         return certify_dataset(backend, t.x, t.y, [int(i) for i in t.ids], sigma=s.sigma, n0=s.n0, n=s.n,
                                alpha=s.alpha, batch_size=s.batch_size, seed=s.seed + TEST_SEED_OFFSET,
@@ -250,7 +210,7 @@ class Run:
                                  "timings_s": dict(self.timings)})
         return policy, episodes
 
-    def run(self, settings_meta: dict, verify: bool = False,
+    def run(self, settings: CompileSettings, verify: bool = False,
             max_disagreement: float = 1.0) -> tuple[onnx.ModelProto, dict]:
         """All stages; returns the ONNX model (with the report in its metadata) and the report. With
         ``verify``, onnxruntime and the torch simulation run on the same noisy samples of the final
@@ -262,8 +222,7 @@ class Run:
         self._timed("qat", lambda: finetune(sim, ft.x, ft.y, sigma=s.sigma, epochs=s.finetune_epochs, lr=s.lr,
                                             seed=s.seed, state_path=self.dir / "qat.pt", progress=self.progress,
                                             augmentation=s.finetune_augment, device=self.device))
-        meta = dict(settings_meta, search=asdict(s))
-        model = to_onnx(sim, meta)
+        model = to_onnx(sim, replace(settings, search=asdict(s)))
         backend = OrtBackend(model.SerializeToString(), batch_size=s.batch_size)
         if verify:
             backend = ComparingBackend(backend, TorchBackend(sim, batch_size=s.batch_size, device=self.device))
@@ -281,12 +240,12 @@ class Run:
         return model, report
 
 
-def build_report(s: SearchSettings, policy: Policy, prof, quantized: dict, fp32: dict, episodes: list[dict],
-                 timings: dict) -> dict:
+def build_report(s: SearchSettings, policy: Policy, prof, quantized: CertifyResult, fp32: CertifyResult,
+                 episodes: list[dict], timings: dict) -> dict:
     """The stable report JSON (README: "compile report")."""
-    def cert(result: dict) -> dict:
-        return {"certified_accuracy": result["certified_accuracy"], "acr": result["acr"],
-                "clean_accuracy": result["clean_accuracy"], "abstain_rate": result["abstain_rate"]}
+    def cert(result: CertifyResult) -> dict:
+        return {"certified_accuracy": result.certified_accuracy, "acr": result.acr,
+                "clean_accuracy": result.clean_accuracy, "abstain_rate": result.abstain_rate}
 
     return {
         "method": s.method, "budget": s.budget, "bitops_ratio_fp32": prof.bitops_ratio_fp32,
@@ -294,8 +253,8 @@ def build_report(s: SearchSettings, policy: Policy, prof, quantized: dict, fp32:
         "policy": policy_to_json(policy), **cert(quantized), "fp32": cert(fp32),
         "episodes": episodes,
         "certification": {"sigma": s.sigma, "n": s.n, "n0": s.n0, "alpha": s.alpha,
-                          "num_images": quantized["num_images"], "backend": quantized["backend"],
-                          "seed": quantized["seed"]},
+                          "num_images": quantized.num_images, "backend": quantized.backend,
+                          "seed": quantized.seed},
         "layers": prof.to_json()["layers"], "timings_s": timings,
         "search_samples": search_samples(episodes),
     }
@@ -304,56 +263,3 @@ def build_report(s: SearchSettings, policy: Policy, prof, quantized: dict, fp32:
 def search_samples(episodes: list[dict]) -> int:
     """Noisy samples the search spent over its episodes (the report's ``search_samples``)."""
     return int(np.sum([e.get("samples", 0) for e in episodes]))
-
-
-def compile_with_search(model: str, output: str, *, arch, trust_pickle, input_shape, data, calib_images,
-                        calib_sigma, scales, report_path, check, budget, options: dict) -> None:
-    """``arqc compile --budget``: the whole ARQ pipeline, then the ONNX model, report JSON and HTML."""
-    import click
-
-    from arqc.data import check_compatible, load_images
-    from arqc.pipeline import prepare
-    from arqc.report import format_report, render_html
-    from passes.search.budget import parse_budget
-
-    if check is None:
-        raise ArqcError("--budget needs --sigma S and --test-data SPEC (the search certifies at σ; the result "
-                        "is certified afresh on held-out test images)")
-    if data is None:
-        raise ArqcError("--budget needs --data SPEC: training images for calibration, search and QAT")
-    if options["episodes"] < 1 or options["warmup"] < 0 or options["search_images"] < 1 or \
-            options["search_n"] < 1 or options["cache_n"] < options["search_n"] or options["finetune_epochs"] < 0 \
-            or options["episode_finetune_epochs"] < 0:
-        raise ArqcError("need --episodes >= 1, --warmup >= 0, --search-images >= 1, --finetune-epochs >= 0, "
-                        "--episode-finetune-epochs >= 0 and --search-n <= --cache-n")
-    train, test = load_images(data), load_images(check.test_data)
-    prep = prepare(model, arch, trust_pickle, input_shape, train)
-    check_compatible(test, prep.input_shape, prep.loaded.num_classes)
-    finetune_set = None
-    if options["finetune_data"] is not None:
-        if options["finetune_data"] == check.test_data:
-            raise ArqcError("--finetune-data is the --test-data; fine-tune on training images the certificates "
-                            "never use")
-        finetune_set = load_images(options["finetune_data"])
-        check_compatible(finetune_set, prep.input_shape, prep.loaded.num_classes)
-    settings = SearchSettings(
-        method=options["method"], budget=parse_budget(budget), sigma=check.sigma, episodes=options["episodes"],
-        warmup=options["warmup"], demo=options["demo"], search_images=options["search_images"],
-        cache_n=options["cache_n"], search_n=options["search_n"], n0=check.n0, n=check.n, alpha=check.alpha,
-        lam=options["lam"], finetune_epochs=options["finetune_epochs"], lr=options["lr"], test_images=check.num_images,
-        episode_finetune_epochs=options["episode_finetune_epochs"],
-        seed=check.seed, scales=scales, calib_images=calib_images, calib_sigma=calib_sigma, device=options["device"])
-    workdir = Path(options["workdir"] or f"{output}.arqc")
-    run = Run(prep, train, test, settings, workdir, options["resume"], finetune=finetune_set)
-    meta = {"source": prep.loaded.source, "arch": prep.loaded.arch, "input_shape": list(prep.input_shape),
-            "num_classes": prep.loaded.num_classes, "scales": scales, "calibration_data": data,
-            "calibration_images": calib_images, "sigma": check.sigma,
-            "finetune_data": options["finetune_data"] or data}
-    model_proto, report = run.run(meta, verify=check.verify, max_disagreement=check.max_disagreement)
-    click.echo(format_report(report))
-    atomic_write(output, lambda f: f.write(model_proto.SerializeToString()))
-    click.echo(f"wrote {output} (stages kept in {workdir})")
-    if report_path:
-        write_json(report_path, report)
-    if options["html_path"]:
-        atomic_write(options["html_path"], lambda f: f.write(render_html(report).encode()))

@@ -1,13 +1,14 @@
 """Load labelled image data sets from a spec string: cifar10, mnist, imagefolder or npz.
 
 Specs: ``cifar10:DIR[:train|:test]``, ``mnist:DIR[:train|:test]``, ``imagefolder:DIR``, ``npz:FILE``.
-Every problem with the user's data raises :class:`arqc.errors.ArqcError` with a one-line message.
+Every problem with the user's data raises :class:`arqc.base.ArqcError` with a one-line message.
 """
 
 from __future__ import annotations
 
 import codecs
 import gzip
+import hashlib
 import importlib
 import io
 import math
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.data
 
-from arqc.errors import ArqcError
+from arqc.base import ArqcError
 
 KINDS = ("cifar10", "mnist", "imagefolder", "npz")
 SPLIT_KINDS = ("cifar10", "mnist")
@@ -94,6 +96,33 @@ def load_images(spec: str) -> ImageSet:
         raise ArqcError(f"data spec '{spec}': labels must lie in 0..{num_classes - 1}, "
                         f"found {int(y.min())}..{int(y.max())}; fix the labels")
     return ImageSet(x, y, ids, spec, num_classes)
+
+
+def as_images(data: str | ImageSet | tuple | torch.utils.data.Dataset, num_classes: int | None = None) -> ImageSet:
+    """Images for the Python API: a data spec, an ImageSet, a pair (x, y) of tensors or arrays (x: N, C, H, W
+    floats in [0, 1]), or a torch Dataset of (image, label) pairs. In-memory images get the spec
+    ``tensors:N:SHA`` (N images, the first 12 hex digits of their sha256), which names them in reports and
+    resume signatures."""
+    if isinstance(data, ImageSet):
+        return data
+    if isinstance(data, str):
+        return load_images(data)
+    if isinstance(data, torch.utils.data.Dataset):
+        pairs = [data[i] for i in range(len(data))]
+        data = (torch.stack([torch.as_tensor(p[0]) for p in pairs]), torch.as_tensor([int(p[1]) for p in pairs]))
+    if not (isinstance(data, tuple | list) and len(data) == 2):
+        raise ArqcError(f"images must be a data spec, an ImageSet, (x, y) tensors or a torch Dataset, not "
+                        f"{type(data).__name__}")
+    x = torch.as_tensor(data[0], dtype=torch.float32).contiguous()
+    y = torch.as_tensor(data[1], dtype=torch.int64).flatten()
+    if x.ndim != 4 or len(x) != len(y) or len(y) == 0:
+        raise ArqcError(f"images must be x [N, C, H, W] with N >= 1 labels y; got x of shape {tuple(x.shape)} "
+                        f"and {len(y)} labels")
+    if float(x.min()) < 0 or float(x.max()) > 1:
+        raise ArqcError("image pixels must lie in [0, 1] (the model normalizes inside); scale them first")
+    digest = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:12]
+    classes = num_classes or int(y.max()) + 1
+    return ImageSet(x, y, torch.arange(len(y)), f"tensors:{len(y)}:{digest}", classes)
 
 
 def check_compatible(images: ImageSet, input_shape: tuple[int, ...], num_classes: int | None) -> None:

@@ -12,10 +12,7 @@ Accepted inputs:
 
 from __future__ import annotations
 
-import json
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +20,7 @@ import torch
 from torch import nn
 
 from arqc import archs
-from arqc.errors import ArqcError
+from arqc.base import ArqcError, atomic_write
 
 CHECKPOINT_FORMAT = "arqc-checkpoint"
 
@@ -133,27 +130,3 @@ def save_checkpoint(path: str | Path, model: nn.Module, arch: str, input_shape, 
     obj = {"format": CHECKPOINT_FORMAT, "version": 1, "arch": arch, "input_shape": list(input_shape),
            "num_classes": int(num_classes), "state_dict": model.state_dict(), "card": card or {}}
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path`` and rename it into place only on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | Path, data) -> None:
-    """``data`` as indented JSON, written atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))

@@ -13,12 +13,12 @@ import torch
 import torch.fx
 from onnx import numpy_helper
 
-from arqc.errors import ArqcError
-from arqc.pipeline import prepare
-from passes.lower import read_metadata
-from passes.meta import ActQuant, info, quantizable_nodes
-from passes.policy import apply_policy
-from passes.quantize import simulate
+from arqc.base import ArqcError
+from arqc.passes.lower import read_metadata
+from arqc.passes.meta import ActQuant, info, quantizable_nodes
+from arqc.passes.policy import apply_policy
+from arqc.passes.quantize import simulate
+from arqc.pipeline import prepare_model
 
 
 def simulation_from_onnx(path: str, source: str | None = None, trust_pickle: bool = False
@@ -34,7 +34,7 @@ def simulation_from_onnx(path: str, source: str | None = None, trust_pickle: boo
                         "with --arch and --policy/--bits instead")
     settings = meta["arqc.settings"]
     src = source or settings.get("source")
-    prep = prepare(src, settings.get("arch"), trust_pickle, tuple(settings["input_shape"]))
+    prep = prepare_model(src, settings.get("arch"), trust_pickle, tuple(settings["input_shape"]))
     apply_policy(prep.gm, {k: (v["w_bits"], v["a_bits"]) for k, v in meta["arqc.policy"].items()})
     sim = simulate(prep.gm, [torch.zeros(1, *settings["input_shape"])], scales=settings.get("scales", "float"))
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

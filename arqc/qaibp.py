@@ -20,12 +20,13 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from arqc.base import ArqcError
 from arqc.data import ImageSet
-from arqc.errors import ArqcError
-from passes.meta import info, quantizable_nodes
-from passes.policy import Policy, apply_policy
-from passes.quantize import QuantLayer, calibrate, simulate
-from runtime.ibp import (
+from arqc.passes.meta import info, quantizable_nodes
+from arqc.passes.policy import Policy, apply_policy
+from arqc.passes.quantize import QuantLayer, calibrate, simulate
+from arqc.runtime.devices import resolve_device
+from arqc.runtime.ibp import (
     check_epsilon,
     check_supported,
     input_box,
@@ -74,7 +75,7 @@ def train_qaibp(model: torch.fx.GraphModule, train: ImageSet, epsilon: float, ep
                 log: Callable[[dict], None] | None = None) -> tuple[torch.fx.GraphModule, list[dict]]:
     """Train a quantized network with QA-IBP; returns the trained simulated graph and per-epoch history.
 
-    ``model`` is either a simulated graph (passes.quantize.simulate; trained in place) or a captured, analyzed
+    ``model`` is either a simulated graph (arqc.passes.quantize.simulate; trained in place) or a captured, analyzed
     float graph, which is first quantized at ``policy`` (uniform or from arqc's search) and calibrated on the
     first ``calibration_images`` training images. ε ramps to ``epsilon`` and κ to ``kappa_end``; defaults:
     0.1·epochs of warm-up and 0.5·epochs of ramp. The learning rate (Adam) drops 10× for the last quarter."""
@@ -84,7 +85,7 @@ def train_qaibp(model: torch.fx.GraphModule, train: ImageSet, epsilon: float, ep
                         f"{batch_size}, {calibration_images})")
     if not 0 <= kappa_end <= 1:
         raise ArqcError(f"kappa_end = {kappa_end} is outside [0, 1]; it weighs the natural loss")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     calib = [x.to(device) for x, _ in train.subset(num=calibration_images).batches(batch_size)]
     if any(isinstance(m, QuantLayer) for m in model.modules()):
         if policy is not None:

@@ -17,16 +17,16 @@ import torch
 import torch.fx
 from tqdm import tqdm
 
-from arqc.errors import ArqcError
-from arqc.loading import atomic_write
-from arqc.train import AUGMENTS, augment, resolve_augment, resolve_device
+from arqc.augment import AUGMENTS, augment, resolve_augment
+from arqc.base import ArqcError, atomic_write
+from arqc.runtime.devices import resolve_device
 
 
 def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tensor, *, sigma: float,
              epochs: int, lr: float = 1e-3, batch_size: int = 128, seed: int = 0,
              state_path: str | Path | None = None, progress: bool = True,
              augmentation: str = "none", device: str | None = None) -> torch.fx.GraphModule:
-    """Fine-tune ``sim`` in place on (images, labels), augmented (one of ``arqc.train.AUGMENTS``), with noise
+    """Fine-tune ``sim`` in place on (images, labels), augmented (one of ``arqc.augment.AUGMENTS``), with noise
     N(0, σ²) added to the [0, 1] pixels, on ``device`` (default: cuda when available); ``sim`` ends on the
     CPU."""
     if epochs < 0 or lr <= 0 or sigma < 0:

@@ -24,13 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from arqc import __version__, archs
+from arqc import archs
+from arqc.augment import AUGMENTS, augment, resolve_augment
+from arqc.base import ArqcError, __version__, atomic_write, first_difference
 from arqc.data import ImageSet, check_compatible, load_images
-from arqc.errors import ArqcError
-from arqc.loading import atomic_write, load_model, save_checkpoint
+from arqc.loading import load_model, save_checkpoint
+from arqc.runtime.devices import resolve_device
 
 SCHEDULES = ("cosine", "onecycle")
-AUGMENTS = ("auto", "none", "crop-flip", "crop")
 RESUME_FORMAT = "arqc-train-resume"
 NOISE_NOTE = ("Gaussian N(0, sigma^2 I) added to [0, 1] pixels before the model (normalization inside it), "
               "no clamping")
@@ -129,33 +130,8 @@ def _file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def resolve_augment(kind: str, x: torch.Tensor) -> str:
-    """``auto``: crops and flips for colour photos (3 channels), nothing for digits; other kinds as given."""
-    if kind != "auto":
-        return kind
-    return "crop-flip" if x.shape[1] == 3 else "none"
-
-
-def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
-    """Random 4-pixel-padded crops (and horizontal flips for ``crop-flip``) of a batch."""
-    if kind == "none":
-        return x
-    b, c, h, w = x.shape
-    pad = 4
-    padded = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
-    out = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
-    if kind == "crop-flip":
-        flip = torch.rand(b, generator=gen) < 0.5
-        out = torch.where(flip[:, None, None, None], out.flip(3), out)
-    return out
-
-
 @dataclass
-class Prepared:
+class TrainingRun:
     """A validated run: everything loaded, nothing written yet."""
 
     cfg: TrainConfig
@@ -168,7 +144,7 @@ class Prepared:
     init_sha256: str | None
 
 
-def prepare(cfg: TrainConfig) -> Prepared:
+def prepare_training(cfg: TrainConfig) -> TrainingRun:
     """Check the settings, load the data and build (or load) the model; raise ArqcError on any problem."""
     check_config(cfg)
     spec = archs.get_arch(cfg.arch)
@@ -195,7 +171,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if out.ndim != 2 or out.shape[1] < num_classes:
         raise ArqcError(f"arch '{cfg.arch}' gives outputs of shape {tuple(out.shape)} but the data has "
                         f"{num_classes} classes; use an arch with one logit per class")
-    return Prepared(cfg, model, tuple(input_shape), int(out.shape[1]), images, val, excluded,
+    return TrainingRun(cfg, model, tuple(input_shape), int(out.shape[1]), images, val, excluded,
                     _file_digest(cfg.init) if cfg.init else None)
 
 
@@ -217,19 +193,6 @@ def _init_model(path: str, arch: str) -> nn.Module:
     return loaded.model
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """``--device``: cpu or cuda[:N]; None means cuda when a GPU is available, else cpu."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ArqcError(f"unknown --device '{name}'; use cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ArqcError("--device cuda asked for but no CUDA GPU is available; use --device cpu")
-    return device
-
-
 def _resume_header(cfg: TrainConfig) -> dict:
     settings = asdict(cfg)
     settings.pop("command")
@@ -248,16 +211,15 @@ def _load_resume(cfg: TrainConfig) -> dict:
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise ArqcError(f"--resume: {path} is not an arqc training resume file; delete it")
     want = _resume_header(cfg)
-    diff = [k for k in want if state["settings"].get(k) != want[k]]
-    if diff:
-        k = diff[0]
+    k = first_difference(state["settings"], want, keys=want)
+    if k is not None:
         raise ArqcError(f"--resume: {path} belongs to a run with other settings "
                         f"({k}={state['settings'].get(k)!r}, now {want[k]!r}); "
                         "resume with the same options or delete the file")
     return state
 
 
-def train(prep: Prepared, resume: bool = False, device: str | None = None, progress: bool = True,
+def train(prep: TrainingRun, resume: bool = False, device: str | None = None, progress: bool = True,
           log=print) -> dict:
     """Run (or continue) the training of ``prep``; write the final checkpoint and return its card."""
     cfg = prep.cfg
@@ -306,7 +268,7 @@ def _plain_state(model: nn.Module) -> dict:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def _run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, prep: Prepared, kind: str, epoch: int,
+def _run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, prep: TrainingRun, kind: str, epoch: int,
                steps_per_epoch: int, total: int, dev: torch.device, channels_last: bool,
                progress: bool) -> dict:
     cfg = prep.cfg
@@ -357,7 +319,7 @@ def evaluate(model: nn.Module, images: ImageSet, sigma: float, seed: int, dev: t
     return {"val_clean_accuracy": clean / len(images), "val_noisy_accuracy": noisy / len(images)}
 
 
-def _card(prep: Prepared, history: list[dict], seconds: float, dev: torch.device, kind: str) -> dict:
+def _card(prep: TrainingRun, history: list[dict], seconds: float, dev: torch.device, kind: str) -> dict:
     cfg = prep.cfg
     last = history[-1] if history else {}
     return {

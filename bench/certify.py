@@ -3,7 +3,7 @@
     python bench/certify.py [--data-root ../shared/data] [--quick]
 
 Prints, in one run:
-1. samples/s of arqc's CERTIFY (runtime.smoothing.certify: seeded noise + its best backend) ÷ a plain
+1. samples/s of arqc's CERTIFY (arqc.runtime.smoothing.certify: seeded noise + its best backend) ÷ a plain
    PyTorch eager loop in Cohen et al.'s style (locuslab/smoothing core.py: batch loop,
    torch.randn_like(batch) * sigma, model(batch + noise).argmax(1), numpy bincount) on the same model,
    images, n0, n and batch size (target ≥ 3×);
@@ -31,16 +31,16 @@ from scipy.stats import norm
 
 from arqc import archs
 from arqc.data import load_images
-from arqc.pipeline import prepare
-from passes.analysis import profile
-from passes.lower import lower
-from passes.policy import apply_policy, uniform
-from passes.quantize import simulate
-from runtime.backends import Backend, OrtBackend, TorchBackend
-from runtime.irs import build_cache, certify_incremental
-from runtime.metrics import summarize
-from runtime.noise import NOISE_BLOCK, Phase, noise_block, point_seed
-from runtime.smoothing import ABSTAIN, certify, lower_confidence_bound, sample_predictions
+from arqc.passes.analysis import profile
+from arqc.passes.lower import lower
+from arqc.passes.policy import apply_policy, uniform
+from arqc.passes.quantize import simulate
+from arqc.pipeline import prepare_model
+from arqc.runtime.backends import Backend, OrtBackend, TorchBackend
+from arqc.runtime.irs import build_cache, certify_incremental
+from arqc.runtime.metrics import summarize
+from arqc.runtime.noise import NOISE_BLOCK, Phase, noise_block, point_seed
+from arqc.runtime.smoothing import ABSTAIN, certify, lower_confidence_bound, sample_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "weights/akamaster-resnet-cifar10/resnet20-12fca82f.th"
@@ -155,7 +155,7 @@ def main() -> None:
     state = torch.load(data / WEIGHTS, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
     model.eval()
-    gm = prepare(str(data / WEIGHTS), "resnet20").gm
+    gm = prepare_model(str(data / WEIGHTS), "resnet20").gm
     test = load_images(f"npz:{data / TEST}")
     macs = profile(gm).total_macs
     print(f"ResNet-20 (akamaster weights), {macs / 1e6:.2f}M MACs/sample; torch {torch.__version__}; "
@@ -201,7 +201,7 @@ def main() -> None:
     sigma, n0, n_cache, seed = 0.5, 100, (1000 if quick else args.irs_n), 0
     irs_images = test.subset(num=6 if quick else args.irs_images)
     if Path(args.irs_model).is_file():
-        gm = prepare(args.irs_model).gm
+        gm = prepare_model(args.irs_model).gm
         fp32 = fp32_onnx(gm)
         print(f"\n[IRS] model {args.irs_model} (trained with noise at sigma=0.5)")
     x, y, ids = irs_images.x.numpy(), [int(v) for v in irs_images.y], [int(i) for i in irs_images.ids]

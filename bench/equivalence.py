@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from arqc import archs
 from arqc.data import load_images
 from arqc.loading import load_model
-from passes.analysis import analyze
-from passes.capture import capture
-from passes.lower import lower
-from passes.meta import info, quantizable_nodes
-from passes.policy import apply_policy, uniform
-from passes.quantize import simulate
+from arqc.passes.analysis import analyze
+from arqc.passes.capture import capture
+from arqc.passes.lower import lower
+from arqc.passes.meta import info, quantizable_nodes
+from arqc.passes.policy import apply_policy, uniform
+from arqc.passes.quantize import simulate
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

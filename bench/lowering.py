@@ -32,11 +32,11 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from arqc import archs
 from arqc.data import load_images
 from arqc.loading import load_model
-from passes.analysis import analyze
-from passes.capture import capture
-from passes.lower import lower
-from passes.policy import apply_policy, uniform
-from passes.quantize import simulate
+from arqc.passes.analysis import analyze
+from arqc.passes.capture import capture
+from arqc.passes.lower import lower
+from arqc.passes.policy import apply_policy, uniform
+from arqc.passes.quantize import simulate
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

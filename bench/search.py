@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from arqc.arq import Run, SearchSettings
+from arqc.arq import Run
 from arqc.data import load_images
-from arqc.pipeline import prepare
+from arqc.pipeline import prepare_model
+from arqc.settings import SearchSettings
 
 
 def main() -> None:
@@ -40,13 +41,14 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     train, test = load_images(args.train), load_images(args.test)
-    prep = prepare(args.model, images=train)
+    prep = prepare_model(args.model, images=train)
     s = SearchSettings(method="arq", budget=args.budget, sigma=0.25, episodes=args.episodes, warmup=args.warmup,
                        search_images=args.search_images, cache_n=args.cache_n, search_n=args.search_n,
                        test_images=args.test_images, n=args.n, finetune_epochs=1)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        _, report = Run(prep, train, test, s, Path(args.workdir or scratch), resume=False).run({"bench": True})
+        run = Run(prep, train, test, s, Path(args.workdir or scratch), resume=False)
+        _, report = run.run(prep.settings(purpose="bench"))
     total = time.perf_counter() - start
     print(f"ARQ search on {args.model}: {args.episodes} episodes ({args.warmup} warm-up), {args.search_images} "
           f"search images, IRS n'={args.search_n} against an FP32 cache of n={args.cache_n}, sigma=0.25, "

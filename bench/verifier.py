@@ -16,12 +16,12 @@ import time
 import torch
 
 from arqc.archs import build, get_arch
-from passes.analysis import analyze
-from passes.capture import capture
-from passes.policy import apply_policy, uniform
-from passes.quantize import simulate
-from runtime.ibp import input_box, margin_bounds
-from runtime.verify import verify_complete
+from arqc.passes.analysis import analyze
+from arqc.passes.capture import capture
+from arqc.passes.policy import apply_policy, uniform
+from arqc.passes.quantize import simulate
+from arqc.runtime.ibp import input_box, margin_bounds
+from arqc.runtime.verify import verify_complete
 
 
 def rate(fn, items: int, seconds: float) -> float:

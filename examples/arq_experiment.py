@@ -24,14 +24,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from arqc.arq import Run, SearchSettings, search_samples
+from arqc.arq import Run, search_samples
+from arqc.base import ArqcError, atomic_write, write_json
 from arqc.data import load_images
-from arqc.errors import ArqcError
-from arqc.loading import atomic_write, write_json
-from arqc.pipeline import prepare
-from passes.policy import policy_to_json
+from arqc.passes.policy import policy_to_json
+from arqc.pipeline import prepare_model
+from arqc.settings import SearchSettings
 
-RADII = ("0.00", "0.25", "0.50", "0.75", "1.00")  # keys of runtime.run results
+RADII = ("0.00", "0.25", "0.50", "0.75", "1.00")  # keys of arqc.runtime.run results
 
 
 def main() -> None:
@@ -80,7 +80,7 @@ def experiment() -> None:
 
     train, test = load_images(args.train), load_images(args.test)
     finetune = load_images(args.finetune_data) if args.finetune_data else None
-    prep = prepare(args.model, images=train)
+    prep = prepare_model(args.model, images=train)
     base = SearchSettings(sigma=args.sigma, episodes=args.episodes, warmup=args.warmup,
                           search_images=args.search_images, cache_n=args.cache_n, search_n=args.search_n,
                           n0=args.n0, n=args.n, alpha=args.alpha, finetune_epochs=args.finetune_epochs,
@@ -107,7 +107,7 @@ def experiment() -> None:
                                    "timings_s": {"search": run.timings.get("search", 0.0)},
                                    "search_samples": search_samples(episodes)}
             else:
-                _, report = run.run({"experiment": True})
+                _, report = run.run(prep.settings(purpose="experiment"))
             if "shared_with" not in report:
                 done.setdefault(key, (method, report))
             if not finished:

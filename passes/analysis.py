@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from passes import ops
-from passes.capture import get_attr
-from passes.meta import FP32, info, quantizable_nodes
+from arqc.passes import ops
+from arqc.passes.capture import get_attr
+from arqc.passes.meta import FP32, info, quantizable_nodes
 
 
 def analyze(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

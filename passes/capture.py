@@ -3,7 +3,7 @@
 The canonical IR (what every later pass sees):
 - one placeholder (the image batch, NCHW, pixels in [0, 1]) and one tensor output;
 - quantizable layers (Conv2d, Linear) are ``call_module`` nodes with BatchNorm already folded in;
-- every other op is a ``call_function`` on the ``fn`` of its entry in passes/ops.py, with normalized
+- every other op is a ``call_function`` on the ``fn`` of its entry in passes/ops/, with normalized
   positional arguments; constants are ``get_attr`` nodes;
 - every node carries ``meta["arqc"]`` (passes/meta.py) with its ``kind`` (and ``layer`` for layers), and
   ``meta["tensor_meta"]`` from ShapeProp.
@@ -21,9 +21,9 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from arqc.errors import ArqcError
-from passes import ops
-from passes.meta import KEY, NodeInfo
+from arqc.base import ArqcError
+from arqc.passes import ops
+from arqc.passes.meta import KEY, NodeInfo
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
 
@@ -45,7 +45,7 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example: torch.Tens
     if leftover:
         n = leftover[0]
         raise ArqcError(f"unsupported op {_describe(gm, n)} in node '{n.name}'; arqc supports "
-                        f"{', '.join(sorted(ops.RULES))}; add an entry to passes/ops.py for it")
+                        f"{', '.join(sorted(ops.RULES))}; add an entry to passes/ops/ for it")
     gm.delete_all_unused_submodules()
     gm = torch.fx.GraphModule(gm, gm.graph, type(gm).__name__)  # a plain GraphModule, also for exports
     gm.eval()
@@ -62,7 +62,7 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ArqcError(
             f"cannot trace {type(model).__name__}: {reason}{where}; move that code into a submodule that "
-            "torch.fx treats as a leaf (and add an op rule for it in passes/ops.py), or export the model "
+            "torch.fx treats as a leaf (and add an op rule for it in passes/ops/), or export the model "
             "with torch.export.export and pass the .pt2 file") from None
 
 
@@ -162,7 +162,7 @@ def _canonicalize_op(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         args = rule.canonical_args(node, module)
     except NotImplementedError as err:
         raise ArqcError(f"unsupported use of {rule.kind} in node '{node.name}': {err}; rewrite that part of "
-                        "the model or add support in passes/ops.py") from None
+                        "the model or add support in passes/ops/") from None
     node.op, node.target, node.args, node.kwargs = "call_function", rule.fn, args, {}
     node.meta[KEY] = NodeInfo(kind=rule.kind)
 

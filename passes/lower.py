@@ -1,6 +1,6 @@
 """Lowering pass: a simulated (passes/quantize.py) graph to a QDQ ONNX model written by arqc itself.
 
-Every node is emitted by its registry entry (passes/ops.py); quantizable layers get
+Every node is emitted by its registry entry (passes/ops/); quantizable layers get
 - input:  QuantizeLinear → [integer Clip to the b-bit range, when b < 8] → DequantizeLinear (per tensor);
 - weight: integers already rounded and clamped to the b-bit range, in an 8-bit container (or a native INT4
   container for b ≤ 4 when asked) → DequantizeLinear (per output channel);
@@ -19,11 +19,11 @@ import torch
 import torch.fx
 from onnx import TensorProto, helper, numpy_helper
 
-from arqc.errors import ArqcError
-from passes import ops
-from passes.capture import get_attr
-from passes.meta import FP32, ActQuant, info, quantizable_nodes
-from passes.quantize import INT32_BOUND, QuantLayer
+from arqc.base import ArqcError, __version__
+from arqc.passes import ops
+from arqc.passes.capture import get_attr
+from arqc.passes.meta import FP32, ActQuant, info, quantizable_nodes
+from arqc.passes.quantize import INT32_BOUND, QuantLayer
 
 OPSET = 21
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -145,7 +145,7 @@ def lower(sim: torch.fx.GraphModule, settings: dict | None = None, int4_weights:
                 values[node] = ops.RULES[info(node).kind].lower(b, node, args)
             except NotImplementedError as err:
                 raise ArqcError(f"cannot lower node '{node.name}' to ONNX: {err}; rewrite that part of the "
-                                "model or extend its entry in passes/ops.py") from None
+                                "model or extend its entry in passes/ops/") from None
     graph = helper.make_graph(b.nodes, name, inputs, outputs, list(b.initializers.values()))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="arqc")
     model.ir_version = 10
@@ -155,8 +155,6 @@ def lower(sim: torch.fx.GraphModule, settings: dict | None = None, int4_weights:
 
 
 def _set_metadata(model: onnx.ModelProto, sim: torch.fx.GraphModule, layer_nodes: dict, settings: dict) -> None:
-    from arqc import __version__
-
     policy, calibration = {}, {}
     for node in quantizable_nodes(sim):
         meta = info(node)

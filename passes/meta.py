@@ -41,7 +41,7 @@ class NodeInfo:
     """Per-node facts. Written by: capture (``kind``, ``layer``), analysis (shapes, counts, ``nonneg``),
     the policy pass (``w_bits``, ``a_bits``), calibration (``act``)."""
 
-    kind: str  # the op's registry key (passes/ops.py), e.g. "conv2d", "relu", "add"
+    kind: str  # the op's registry key (passes/ops/), e.g. "conv2d", "relu", "add"
     layer: str | None = None  # the quantizable layer's name (its module path), else None
     in_shapes: list[tuple[int, ...]] = field(default_factory=list)
     out_shape: tuple[int, ...] | None = None

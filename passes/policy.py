@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch.fx
 
-from arqc.errors import ArqcError
-from passes.meta import FP32, info, quantizable_nodes
+from arqc.base import ArqcError
+from arqc.passes.meta import FP32, info, quantizable_nodes
 
 Policy = dict[str, tuple[int, int]]
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, FP32)

@@ -27,7 +27,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from passes.meta import FP32, ActQuant, info, quantizable_nodes
+from arqc.passes.meta import FP32, ActQuant, info, quantizable_nodes
 
 INT32_BOUND = 2**31 - 2**7  # the largest float32 below 2^31: the int32 bias range, exact in float32 too
 

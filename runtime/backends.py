@@ -17,7 +17,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from arqc.errors import ArqcError
+from arqc.base import ArqcError
+from arqc.runtime.devices import resolve_device
 
 OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -69,7 +70,7 @@ class TorchBackend(Backend):
 
     def __init__(self, module: torch.nn.Module, batch_size: int = 400, device: str | None = None) -> None:
         super().__init__(batch_size)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # where .to("cuda") puts tensors
         if any(t.device != self.device for t in [*module.parameters(), *module.buffers()]):

@@ -1,8 +1,8 @@
 """Interval bound propagation (DESIGN §4) over a simulated GraphModule, with the registry's rules.
 
-Every node's bounds come from the ``interval`` rule of its entry in passes/ops.py; this module only walks
+Every node's bounds come from the ``interval`` rule of its entry in passes/ops/; this module only walks
 the graph, builds input boxes and turns output bounds into margin bounds. Two modes (see
-:meth:`passes.ops.OpRule.interval`):
+:meth:`arqc.passes.ops.OpRule.interval`):
 - ``sound=True`` (certification): bounds that enclose every value the float32 forward of the simulation
   can compute on the box, in any summation order: each rule widens its result by the a-priori float32
   rounding error of its op and by that of its own arithmetic (float64 by default, or float32), and
@@ -18,9 +18,9 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from arqc.errors import ArqcError
-from passes import ops
-from passes.meta import info
+from arqc.base import ArqcError
+from arqc.passes import ops
+from arqc.passes.meta import info
 
 
 def check_epsilon(epsilon: float) -> float:
@@ -41,7 +41,7 @@ def check_supported(gm: torch.fx.GraphModule) -> None:
             have = ", ".join(sorted(k for k, r in ops.RULES.items() if ops.has_interval(r)))
             raise ArqcError(f"op '{kind}' (node '{node.name}') has no interval rule, so IBP cannot bound "
                             f"this model; IBP supports {have}; add an `interval` rule to its entry in "
-                            "passes/ops.py")
+                            "passes/ops/")
 
 
 def input_box(x: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +92,7 @@ def _run(gm: torch.fx.GraphModule, lo: torch.Tensor, hi: torch.Tensor, sound: bo
                 env[node] = rule.interval(node, module, list(lo_args), list(hi_args), sound=sound)
             except NotImplementedError as err:
                 raise ArqcError(f"op '{info(node).kind}' (node '{node.name}') cannot be bounded: {err}; "
-                                "change the model or extend its interval rule in passes/ops.py") from None
+                                "change the model or extend its interval rule in passes/ops/") from None
     raise ArqcError("the graph has no output node")
 
 
@@ -141,7 +141,7 @@ def _elided_margin(module, x_lo, x_hi, labels, sound: bool) -> torch.Tensor:
         terms = weight.shape[1] + 1
         magnitude = F.linear(torch.maximum(x_lo.abs(), x_hi.abs()), weight.abs(),
                              None if bias is None else bias.abs())
-        err = ops.rounding_margin(terms + 1, x_lo.dtype) * magnitude + terms * ops.TINY  # +1: W_y - W_j
+        err = ops.rounding_margin(terms + 1, x_lo.dtype) * magnitude + terms * ops.rounding.TINY  # +1: W_y - W_j
         rad = rad + err + err.gather(1, labels[:, None])
     return mid - rad
 

@@ -21,7 +21,7 @@ fails with probability ≤ α and ζ with probability ≤ α_ζ; so an "irs" cer
 of the fresh samples). The fallback exists because near pA_lower ≈ 1 even a tiny ζ costs more radius than
 estimating p'A afresh; with γ = 0.99 (the paper's choice) the fresh estimate is used there.
 
-The cache file format lives in runtime.irs_cache.
+The cache file format lives in arqc.runtime.irs_cache.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import numpy as np
 from scipy.stats import norm
 from tqdm import tqdm
 
-from arqc.errors import ArqcError
-from runtime.backends import Backend
-from runtime.irs_cache import CachePoint, IrsCache, image_digest, load_cache
-from runtime.noise import Phase, point_seed
-from runtime.smoothing import (
+from arqc.base import ArqcError
+from arqc.runtime.backends import Backend
+from arqc.runtime.irs_cache import CachePoint, IrsCache, image_digest, load_cache
+from arqc.runtime.noise import Phase, point_seed
+from arqc.runtime.smoothing import (
     ABSTAIN,
     certify,
     check_arguments,

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from arqc.errors import ArqcError
-from arqc.loading import atomic_write
-from runtime.noise import NOISE_SCHEME
+from arqc.base import ArqcError, atomic_write
+from arqc.runtime.noise import NOISE_SCHEME
 
 CACHE_FORMAT = "arqc-irs-cache"
 CACHE_VERSION = 1

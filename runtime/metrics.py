@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from arqc.errors import ArqcError
-from runtime.smoothing import ABSTAIN
+from arqc.base import ArqcError
+from arqc.runtime.smoothing import ABSTAIN
 
 DEFAULT_RADII: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 

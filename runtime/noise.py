@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from arqc.errors import ArqcError
+from arqc.base import ArqcError
 
 NOISE_BLOCK = 100
 """Samples drawn from one torch.Generator seed. Part of the noise scheme: changing it changes every count."""

@@ -1,4 +1,4 @@
-"""Certify a test set, resumably, and report it as a stable JSON dict and a plain-text table.
+"""Certify a test set, resumably, and report it as a :class:`CertifyResult` (stable JSON) and a plain-text table.
 
 Each point's noise seed derives from (run seed, image id), so a subset, a resumed run and an
 uninterrupted run give the same numbers. With ``state_path`` every finished point is appended as one
@@ -14,19 +14,20 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from arqc.errors import ArqcError
-from runtime.backends import Backend, ComparingBackend
-from runtime.irs import DEFAULT_GAMMA, certify_incremental
-from runtime.irs_cache import IrsCache
-from runtime.metrics import DEFAULT_RADII, summarize
-from runtime.noise import NOISE_SCHEME, point_seed
-from runtime.smoothing import certify, check_arguments, upper_confidence_bound
+from arqc.base import ArqcError, first_difference
+from arqc.runtime.backends import Backend, ComparingBackend
+from arqc.runtime.irs import DEFAULT_GAMMA, certify_incremental
+from arqc.runtime.irs_cache import IrsCache
+from arqc.runtime.metrics import DEFAULT_RADII, summarize
+from arqc.runtime.noise import NOISE_SCHEME, point_seed
+from arqc.runtime.smoothing import certify, check_arguments, upper_confidence_bound
 
 STATE_FORMAT = "arqc-certify-state"
 STATE_VERSION = 1
@@ -50,7 +51,7 @@ def certify_dataset(
     gamma: float = DEFAULT_GAMMA,
     alpha_zeta: float | None = None,
     radii: Sequence[float] = DEFAULT_RADII,
-) -> dict:
+) -> CertifyResult:
     """Certify every image x[i] (N, C, H, W; pixels in [0, 1]) with label y[i] and id ids[i] (default i).
 
     Without ``irs_cache``: CERTIFY(n0, n) per point (path "full"). With it: IRS against the cached f,
@@ -93,7 +94,7 @@ def certify_dataset(
     finally:
         if state is not None:
             state.close()
-    return _result(header, backend, points, radii)
+    return CertifyResult.build(header["args"], backend.name, header["backend"]["fingerprint"], points, radii)
 
 
 def _certify_point(backend: Backend, image: np.ndarray, label: int, image_id: int, sigma: float, n0: int,
@@ -154,18 +155,18 @@ def _resume(path: Path, header: dict, ids: list[int], prefix_digest) -> list[dic
         path.write_text(json.dumps(header) + "\n", encoding="utf-8")
         return []
     old = lines[0]
-    if _is_prefix(old.get("data"), header["data"], prefix_digest) and all(
-            old.get(key) == header[key] for key in ("format", "version", "args", "backend")):
+    if _is_prefix(old.get("data"), header["data"], prefix_digest) and \
+            first_difference(old, header, keys=("format", "version", "args", "backend")) is None:
         old = header  # more images than the state file's: continue it under this run's header
         text = "".join(json.dumps(line) + "\n" for line in [header, *lines[1:]])
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-    for key in ("format", "version", "args", "backend", "data"):
-        if old.get(key) != header[key]:
-            raise ArqcError(f"state file {str(path)!r} belongs to a run with other {key} "
-                            f"({json.dumps(old.get(key))[:200]}); rerun with the same arguments or use "
-                            "another state path")
+    key = first_difference(old, header, keys=("format", "version", "args", "backend", "data"))
+    if key is not None:
+        raise ArqcError(f"state file {str(path)!r} belongs to a run with other {key} "
+                        f"({json.dumps(old.get(key))[:200]}); rerun with the same arguments or use "
+                        "another state path")
     points = lines[1:]
     if len(points) > len(ids) or [p["index"] for p in points] != ids[: len(points)]:
         raise ArqcError(f"state file {str(path)!r} does not follow the image ids of this run; "
@@ -180,49 +181,75 @@ def _is_prefix(old: dict | None, new: dict, prefix_digest) -> bool:
     return 0 < old["num_images"] < new["num_images"] and prefix_digest(old["num_images"]) == old.get("sha256")
 
 
-def _result(header: dict, backend: Backend, points: list[dict], radii: Sequence[float]) -> dict:
-    """The stable JSON result of a certified data set."""
-    args = header["args"]
-    summary = summarize([(p["label"], p["prediction"], p["radius"]) for p in points], radii)
-    result = {
-        "sigma": args["sigma"],
-        "n0": args["n0"],
-        "n": args["n"],
-        "alpha": args["alpha"],
-        "seed": args["seed"],
-        "num_images": len(points),
-        "backend": backend.name,
-        "backend_fingerprint": header["backend"]["fingerprint"],
-        "noise": NOISE_SCHEME,
-        "certified_accuracy": {f"{r:.2f}": acc for r, acc in summary.certified_accuracy.items()},
-        "acr": summary.acr,
-        "abstain_rate": summary.abstain_rate,
-        "clean_accuracy": summary.clean_accuracy,
-        "time_per_point_s": float(np.mean([p["seconds"] for p in points])),
-        "samples_per_point": float(np.mean([p["samples"] for p in points])),
-        "points": points,
-    }
-    if args["irs"] is not None:
-        paths = [p["path"] for p in points]
-        result["irs"] = {**args["irs"], "paths": {"irs": paths.count("irs"), "full": paths.count("full")}}
-    return result
+@dataclass
+class CertifyResult:
+    """A certified data set (DESIGN §3): the settings, the summary over the points, and one dict per point
+    (index, label, prediction, radius, pA_lower, samples, path, seconds). :meth:`to_json` is the stable JSON of
+    ``arqc certify --json``; :meth:`build` is the one place a result is made."""
+
+    sigma: float
+    n0: int
+    n: int
+    alpha: float
+    seed: int
+    num_images: int
+    backend: str
+    backend_fingerprint: str
+    noise: str
+    certified_accuracy: dict[str, float]  # radius formatted "0.25" -> fraction of points
+    acr: float
+    abstain_rate: float
+    clean_accuracy: float
+    time_per_point_s: float
+    samples_per_point: float
+    points: list[dict]
+    irs: dict | None = None  # IRS runs: the cache's settings and how many points took each path
+    model: str | None = None  # what the CLI certified (the model file, the data spec, every --skip-th image)
+    data: str | None = None
+    skip: int | None = None
+
+    @classmethod
+    def build(cls, args: dict, backend: str, fingerprint: str, points: list[dict],
+              radii: Sequence[float] = DEFAULT_RADII) -> CertifyResult:
+        """The result of ``points`` certified with ``args`` (sigma, n0, n, alpha, seed; irs: the IRS settings
+        or None) on ``backend`` (its name and fingerprint)."""
+        summary = summarize([(p["label"], p["prediction"], p["radius"]) for p in points], radii)
+        irs = None
+        if args.get("irs") is not None:
+            paths = [p["path"] for p in points]
+            irs = {**args["irs"], "paths": {"irs": paths.count("irs"), "full": paths.count("full")}}
+        return cls(
+            sigma=args["sigma"], n0=args["n0"], n=args["n"], alpha=args["alpha"], seed=args["seed"],
+            num_images=len(points), backend=backend, backend_fingerprint=fingerprint, noise=NOISE_SCHEME,
+            certified_accuracy={f"{r:.2f}": acc for r, acc in summary.certified_accuracy.items()},
+            acr=summary.acr, abstain_rate=summary.abstain_rate, clean_accuracy=summary.clean_accuracy,
+            time_per_point_s=float(np.mean([p["seconds"] for p in points])),
+            samples_per_point=float(np.mean([p["samples"] for p in points])), points=points, irs=irs)
+
+    def to_json(self) -> dict:
+        """The JSON dict (fields that are None are left out, as arqc has always written it)."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("irs", "model", "data", "skip")}
+
+    @classmethod
+    def from_json(cls, data: dict) -> CertifyResult:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
-def format_table(result: dict) -> str:
+def format_table(result: CertifyResult) -> str:
     """Plain-text table: certified accuracy per radius, ACR, abstain rate; n, n0, α, σ and #images."""
-    radii = list(result["certified_accuracy"])
+    radii = list(result.certified_accuracy)
     width = max(7, *(len(r) + 1 for r in radii))
     lines = [
         "radius".ljust(20) + "".join(r.rjust(width) for r in radii),
         "certified accuracy".ljust(20)
-        + "".join(f"{100 * result['certified_accuracy'][r]:.1f}%".rjust(width) for r in radii),
-        f"ACR {result['acr']:.3f}   abstain rate {100 * result['abstain_rate']:.1f}%   "
-        f"clean smoothed accuracy {100 * result['clean_accuracy']:.1f}%",
-        f"sigma={result['sigma']} n={result['n']} n0={result['n0']} alpha={result['alpha']} "
-        f"images={result['num_images']} backend={result['backend']} seed={result['seed']}",
+        + "".join(f"{100 * result.certified_accuracy[r]:.1f}%".rjust(width) for r in radii),
+        f"ACR {result.acr:.3f}   abstain rate {100 * result.abstain_rate:.1f}%   "
+        f"clean smoothed accuracy {100 * result.clean_accuracy:.1f}%",
+        f"sigma={result.sigma} n={result.n} n0={result.n0} alpha={result.alpha} "
+        f"images={result.num_images} backend={result.backend} seed={result.seed}",
     ]
-    if "irs" in result:
-        irs = result["irs"]
+    if result.irs is not None:
+        irs = result.irs
         lines.append(f"IRS: {irs['paths']['irs']} points by replayed noise (alpha_zeta={irs['alpha_zeta']}), "
                      f"{irs['paths']['full']} certified afresh (pA_lower >= gamma={irs['gamma']})")
     return "\n".join(lines)

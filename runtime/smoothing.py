@@ -1,7 +1,7 @@
 """Randomized smoothing (Cohen, Rosenfeld & Kolter 2019): CERTIFY and PREDICT for any backend.
 
 The smoothed classifier is g(x) = argmax_c P(f(x + ε) = c), ε ~ N(0, σ²I), with the noise added to
-the [0, 1] pixels (see runtime.noise). The functions below follow the paper's pseudo-code:
+the [0, 1] pixels (see arqc.runtime.noise). The functions below follow the paper's pseudo-code:
 
     CERTIFY(f, σ, x, n0, n, α):
         counts0 ← SampleUnderNoise(f, x, n0, σ)          # selection noise
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.stats import beta, binomtest, norm
 
-from arqc.errors import ArqcError
-from runtime.backends import Backend
-from runtime.noise import Phase, noisy_batches
+from arqc.base import ArqcError
+from arqc.runtime.backends import Backend
+from arqc.runtime.noise import Phase, noisy_batches
 
 ABSTAIN = -1
 

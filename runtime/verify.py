@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from arqc.errors import ArqcError
-from runtime.ibp import check_epsilon, ieee_float32, margin_bounds, worst_margin
+from arqc.base import ArqcError
+from arqc.runtime.backends import OrtBackend
+from arqc.runtime.ibp import check_epsilon, ieee_float32, margin_bounds, worst_margin
 
 LEVELS = 255  # 8-bit pixels: k / 255, k in 0..255
 # The pixel values as data loaders compute them (float32 k / 255, computed on the CPU).
@@ -48,8 +49,6 @@ def torch_oracle(gm: torch.fx.GraphModule) -> Oracle:
 
 def onnx_oracle(model) -> Oracle:
     """An ONNX model (path, bytes or ModelProto) run by onnxruntime as the judge of concrete inputs."""
-    from runtime.backends import OrtBackend
-
     backend = OrtBackend(model)
     return lambda x: torch.from_numpy(backend.predict(x.detach().cpu().numpy()))
 

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from passes.analysis import analyze
-from passes.capture import capture
-from passes.meta import info, quantizable_nodes
-from passes.policy import apply_policy
-from passes.quantize import simulate
+from arqc.passes.analysis import analyze
+from arqc.passes.capture import capture
+from arqc.passes.meta import info, quantizable_nodes
+from arqc.passes.policy import apply_policy
+from arqc.passes.quantize import simulate
 
 BITS = (2, 3, 4, 6, 8, 32)
 

@@ -10,10 +10,10 @@ from torch import nn
 
 from arqc import archs
 from arqc.cli import main
-from passes.analysis import analyze, format_profile, profile
-from passes.capture import capture
-from passes.meta import info
-from passes.policy import apply_policy, uniform
+from arqc.passes.analysis import analyze, format_profile, profile
+from arqc.passes.capture import capture
+from arqc.passes.meta import info
+from arqc.passes.policy import apply_policy, uniform
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,10 +11,10 @@ import onnx
 import pytest
 import torch
 
-from arqc.errors import ArqcError
-from runtime.backends import Backend, OrtBackend, TorchBackend, make_backend
-from runtime.noise import NOISE_BLOCK, Phase, noisy_batches, point_seed
-from runtime.smoothing import certify, sample_predictions
+from arqc.base import ArqcError
+from arqc.runtime.backends import Backend, OrtBackend, TorchBackend, make_backend
+from arqc.runtime.noise import NOISE_BLOCK, Phase, noisy_batches, point_seed
+from arqc.runtime.smoothing import certify, sample_predictions
 
 SHAPE = (3, 6, 6)
 

@@ -14,10 +14,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cli_helpers import assert_one_error_line, run_cli
 
 from arqc import archs
-from arqc.cli import main
-from passes.lower import read_metadata
+from arqc.passes.lower import read_metadata
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,24 +66,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (d / "not_json.json").write_text("{conv1: 4")
     (d / "user_untraceable.py").write_text(textwrap.dedent(UNTRACEABLE))
     return {p.stem: p for p in d.iterdir()} | {"dir": d}
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_error_line(code: int, err: str, *fragments: str) -> None:
-    assert code == 2, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("arqc: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 BAD = [

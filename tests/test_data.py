@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from arqc.base import ArqcError
 from arqc.data import ImageSet, check_compatible, load_images, parse_spec
-from arqc.errors import ArqcError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

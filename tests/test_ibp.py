@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 from qnets import NetSpec, SmallNet, build_sim
 from torch import nn
 
-from arqc.errors import ArqcError
-from passes import ops
-from passes.analysis import analyze
-from passes.capture import capture
-from runtime.ibp import (
+from arqc.base import ArqcError
+from arqc.passes import ops
+from arqc.passes.analysis import analyze
+from arqc.passes.capture import capture
+from arqc.runtime.ibp import (
     check_epsilon,
     check_supported,
     input_box,
@@ -106,7 +106,7 @@ def test_without_rounding_margins_the_check_finds_violations(monkeypatch):
     for dtype in (torch.float64, torch.float32):
         assert sum(violations(sim, x, x, labels, samples=1, dtype=dtype) for sim in sims) == 0
     for name in ("U32", "U64", "TINY"):
-        monkeypatch.setattr(ops, name, 0.0)
+        monkeypatch.setattr(ops.rounding, name, 0.0)
     for dtype in (torch.float64, torch.float32):
         assert sum(violations(sim, x, x, labels, samples=1, dtype=dtype) for sim in sims) > 0
 

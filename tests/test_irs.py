@@ -11,13 +11,13 @@ from linear_models import SHAPE, LinearClassifier, W
 from scipy.optimize import brentq
 from scipy.stats import binom, norm
 
-from arqc.errors import ArqcError
-from runtime.backends import TorchBackend
-from runtime.irs import build_cache, certify_incremental
-from runtime.irs_cache import load_cache
-from runtime.noise import Phase, noisy_batches
-from runtime.run import certify_dataset, format_table
-from runtime.smoothing import ABSTAIN, certify
+from arqc.base import ArqcError
+from arqc.runtime.backends import TorchBackend
+from arqc.runtime.irs import build_cache, certify_incremental
+from arqc.runtime.irs_cache import load_cache
+from arqc.runtime.noise import Phase, noisy_batches
+from arqc.runtime.run import certify_dataset, format_table
+from arqc.runtime.smoothing import ABSTAIN, certify
 
 SIGMA, N0, N, ALPHA = 0.5, 10, 1000, 0.001
 
@@ -195,9 +195,9 @@ def test_certify_dataset_with_irs_cache(cache, images):
     w_q = W + np.random.default_rng(3).normal(0, 0.05, W.size)
     args = dict(sigma=SIGMA, n0=N0, n=500, alpha=ALPHA, batch_size=250, seed=21, progress=False)
     result = certify_dataset(backend_of(w_q), x, y, ids, irs_cache=cache, **args)
-    assert [p["path"] for p in result["points"]] == ["irs"] * 4 + ["full"]
-    assert result["irs"]["paths"] == {"irs": 4, "full": 1} and result["samples_per_point"] == 500
-    for p, image, point in zip(result["points"], images, cache.points, strict=True):
+    assert [p["path"] for p in result.points] == ["irs"] * 4 + ["full"]
+    assert result.irs["paths"] == {"irs": 4, "full": 1} and result.samples_per_point == 500
+    for p, image, point in zip(result.points, images, cache.points, strict=True):
         cert = certify_incremental(backend_of(w_q), image, point, sigma=SIGMA, alpha=ALPHA, n_prime=500)
         assert (p["prediction"], p["radius"], p["zeta"]) == (cert.prediction, cert.radius, cert.zeta)
     assert "IRS:" in format_table(result)
@@ -221,7 +221,7 @@ def test_a_point_f_abstains_on_is_not_sampled(images):
 
 def test_search_reward_skips_only_images_that_score_zero(images, cache):
     """The ARQ reward samples only images whose cached class is right; it equals IRS on every image."""
-    from passes.search.rewards import CertifiedReward
+    from arqc.rewards import CertifiedReward
 
     labels = torch.tensor([1, 1, 1, 0, 1])  # the cached classes are 1, 0, 1, 1, 1: images 1 and 3 are wrong
     x, ids = torch.from_numpy(images), [0, 1, 2, 3, 4]
@@ -231,6 +231,6 @@ def test_search_reward_skips_only_images_that_score_zero(images, cache):
     value, info = reward({"l": (8, 8)})
     full = certify_dataset(TorchBackend(shifted, batch_size=500), x, labels, ids, sigma=SIGMA, n=500, alpha=ALPHA,
                            batch_size=500, irs_cache=cache, progress=False)
-    assert info["acr"] == pytest.approx(full["acr"]) and info["clean_accuracy"] == pytest.approx(full["clean_accuracy"])
-    assert value == pytest.approx(full["acr"] + 0.5 * full["clean_accuracy"])
-    assert info["samples"] < sum(p["samples"] for p in full["points"])
+    assert info["acr"] == pytest.approx(full.acr) and info["clean_accuracy"] == pytest.approx(full.clean_accuracy)
+    assert value == pytest.approx(full.acr + 0.5 * full.clean_accuracy)
+    assert info["samples"] < sum(p["samples"] for p in full.points)

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from arqc import archs
-from arqc.errors import ArqcError
-from arqc.loading import atomic_write, load_model, save_checkpoint
-from passes.capture import capture
+from arqc.base import ArqcError, atomic_write
+from arqc.loading import load_model, save_checkpoint
+from arqc.passes.capture import capture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

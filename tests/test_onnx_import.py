@@ -10,12 +10,12 @@ import torch
 from onnx import TensorProto, helper
 
 from arqc import archs
-from arqc.errors import ArqcError
+from arqc.base import ArqcError
 from arqc.loading import save_checkpoint
 from arqc.onnx_import import simulation_from_onnx
-from arqc.pipeline import prepare, quantize, to_onnx
+from arqc.passes.policy import uniform
+from arqc.pipeline import prepare_model, quantize, to_onnx
 from arqc.qat import finetune
-from passes.policy import uniform
 
 
 @pytest.mark.parametrize("scales", ["float", "po2"])
@@ -23,7 +23,7 @@ def test_rebuilt_simulation_computes_the_same_function(tmp_path, scales):
     torch.manual_seed(0)
     ckpt = tmp_path / "m.pt"
     save_checkpoint(ckpt, archs.build("mnist_cnn"), "mnist_cnn", (1, 28, 28), 10)
-    prep = prepare(str(ckpt))
+    prep = prepare_model(str(ckpt))
     rng = random.Random(1)
     policy = {k: (rng.randint(2, 8), rng.randint(2, 8)) for k in uniform(prep.gm, 8, 8)}
     from arqc.data import ImageSet
@@ -34,8 +34,7 @@ def test_rebuilt_simulation_computes_the_same_function(tmp_path, scales):
     # fine-tuning changes the weights: the rebuild must take them from the ONNX file, not the checkpoint
     finetune(sim, images.x, images.y, sigma=0.25, epochs=1, lr=0.05, batch_size=32, progress=False)
     path = tmp_path / "m.onnx"
-    onnx.save(to_onnx(sim, {"source": str(ckpt), "arch": "mnist_cnn", "input_shape": [1, 28, 28],
-                            "scales": scales}), path)
+    onnx.save(to_onnx(sim, prep.settings(source=str(ckpt), scales=scales)), path)
     rebuilt, meta = simulation_from_onnx(str(path))
     probe = x + 0.5 * torch.randn_like(x)
     with torch.no_grad():

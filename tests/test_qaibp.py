@@ -8,16 +8,16 @@ import torch.nn.functional as F
 from qnets import NetSpec, SmallNet, build_sim
 from torch import nn
 
+from arqc.base import ArqcError
+from arqc.certify_linf import certify_ibp
 from arqc.data import ImageSet, load_images
-from arqc.errors import ArqcError
-from arqc.ibp_report import certify_ibp
+from arqc.passes.analysis import analyze
+from arqc.passes.capture import capture
+from arqc.passes.lower import lower
+from arqc.passes.meta import info, quantizable_nodes
+from arqc.passes.policy import uniform
 from arqc.qaibp import Schedule, qaibp_loss, train_qaibp
-from passes.analysis import analyze
-from passes.capture import capture
-from passes.lower import lower
-from passes.meta import info, quantizable_nodes
-from passes.policy import uniform
-from runtime.backends import OrtBackend
+from arqc.runtime.backends import OrtBackend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

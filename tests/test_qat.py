@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arqc.errors import ArqcError
+from arqc.base import ArqcError
 from arqc.qat import finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")

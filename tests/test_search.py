@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from qnets import NetSpec, SmallNet
 
-from arqc.errors import ArqcError
-from passes.search.agent import DDPGConfig
-from passes.search.baselines import greedy_policy, uniform_policy
-from passes.search.budget import LayerSpec, bitops, check_budget, enforce_budget, fp32_bitops, parse_budget
-from passes.search.env import STATE_DIM, BitAllocationEnv, action_to_bits
-from passes.search.loop import ddpg_search, random_search
+from arqc.base import ArqcError
+from arqc.passes.search.agent import DDPGConfig
+from arqc.passes.search.baselines import greedy_policy, uniform_policy
+from arqc.passes.search.budget import LayerSpec, bitops, check_budget, enforce_budget, fp32_bitops, parse_budget
+from arqc.passes.search.env import STATE_DIM, BitAllocationEnv, action_to_bits
+from arqc.passes.search.loop import ddpg_search, random_search
 
 
 def _layers(n: int = 5) -> list[LayerSpec]:
@@ -156,12 +157,11 @@ def test_resume_with_other_arguments_is_refused(tmp_path):
 def test_float_ranges_give_the_calibrated_simulation_of_single_layer_policies():
     """The sensitivity proxy quantizes one layer at a time and reuses the float model's activation ranges
     instead of calibrating each policy: that must be exactly what calibration would have found."""
-    from passes.analysis import analyze
-    from passes.capture import capture
-    from passes.meta import FP32, info, quantizable_nodes
-    from passes.policy import apply_policy
-    from passes.quantize import observed_ranges, simulate
-    from tests.qnets import NetSpec, SmallNet
+    from arqc.passes.analysis import analyze
+    from arqc.passes.capture import capture
+    from arqc.passes.meta import FP32, info, quantizable_nodes
+    from arqc.passes.policy import apply_policy
+    from arqc.passes.quantize import observed_ranges, simulate
 
     spec = NetSpec((2, 4, 4), width=4)
     gm = analyze(capture(SmallNet(spec).eval(), torch.zeros(1, *spec.shape)))

@@ -11,12 +11,12 @@ from linear_models import SHAPE, LinearClassifier, W
 from scipy.optimize import brentq
 from scipy.stats import binom, binomtest, norm
 
-from arqc.errors import ArqcError
-from runtime.backends import TorchBackend
-from runtime.metrics import summarize
-from runtime.noise import Phase, noisy_batches, point_seed
-from runtime.run import certify_dataset, format_table
-from runtime.smoothing import (
+from arqc.base import ArqcError
+from arqc.runtime.backends import TorchBackend
+from arqc.runtime.metrics import summarize
+from arqc.runtime.noise import Phase, noisy_batches, point_seed
+from arqc.runtime.run import CertifyResult, certify_dataset, format_table
+from arqc.runtime.smoothing import (
     ABSTAIN,
     certify,
     lower_confidence_bound,
@@ -172,12 +172,12 @@ def _dataset(num: int = 6, sigma: float = 0.25):
 ARGS = dict(sigma=0.25, n0=10, n=100, alpha=0.01, batch_size=64, seed=3, progress=False)
 
 
-def _without_timing(result: dict) -> dict:
-    result = json.loads(json.dumps(result))
-    result.pop("time_per_point_s")
-    for p in result["points"]:
+def _without_timing(result: CertifyResult) -> dict:
+    data = json.loads(json.dumps(result.to_json()))
+    data.pop("time_per_point_s")
+    for p in data["points"]:
         p.pop("seconds")
-    return result
+    return data
 
 
 class Interrupt(Exception):
@@ -201,17 +201,17 @@ class InterruptingBackend(TorchBackend):
 def test_certify_dataset_result(backend):
     x, y, ids = _dataset()
     result = certify_dataset(backend, x, y, ids, **ARGS)
-    assert result["num_images"] == 6 and result["backend"] == "torch"
-    assert [p["index"] for p in result["points"]] == ids
-    for p, image, image_id in zip(result["points"], x, ids, strict=True):
+    assert result.num_images == 6 and result.backend == "torch"
+    assert [p["index"] for p in result.points] == ids
+    for p, image, image_id in zip(result.points, x, ids, strict=True):
         cert = certify(backend, image.numpy(), 0.25, 10, 100, 0.01, 64, point_seed(3, image_id))
         assert (p["prediction"], p["radius"], p["pA_lower"], p["samples"], p["path"]) == (
             cert.prediction, cert.radius, cert.pA_lower, 110, "full")
-    summary = summarize([(p["label"], p["prediction"], p["radius"]) for p in result["points"]])
-    assert result["certified_accuracy"]["0.50"] == summary.certified_accuracy[0.5]
-    assert result["acr"] == summary.acr and result["clean_accuracy"] == result["certified_accuracy"]["0.00"]
-    assert result["samples_per_point"] == 110
-    json.dumps(result)  # JSON-serializable
+    summary = summarize([(p["label"], p["prediction"], p["radius"]) for p in result.points])
+    assert result.certified_accuracy["0.50"] == summary.certified_accuracy[0.5]
+    assert result.acr == summary.acr and result.clean_accuracy == result.certified_accuracy["0.00"]
+    assert result.samples_per_point == 110
+    json.dumps(result.to_json())  # JSON-serializable
     table = format_table(result)
     for text in ("n=100", "n0=10", "alpha=0.01", "sigma=0.25", "images=6", "ACR", "abstain rate", "0.25"):
         assert text in table
@@ -270,7 +270,7 @@ def test_more_images_extend_a_state_file_to_the_uninterrupted_result(backend, tm
     extended = certify_dataset(InterruptingBackend(calls=3 * 4), x, y, ids, state_path=state, **ARGS)  # 4 points
     whole = certify_dataset(backend, x, y, ids, **ARGS)
     assert _without_timing(extended) == _without_timing(whole)
-    assert extended["points"][:2] == first["points"]
+    assert extended.points[:2] == first.points
     assert json.loads(state.read_text().splitlines()[0])["data"]["num_images"] == len(ids)
     with pytest.raises(ArqcError, match="data"):  # fewer images than the state file: refused, as before
         certify_dataset(backend, x[:2], y[:2], ids[:2], state_path=state, **ARGS)

@@ -132,7 +132,7 @@ def test_init_from_an_akamaster_style_checkpoint(tmp_path, capsys):
 def test_real_akamaster_checkpoint_loads_as_init(tmp_path):
     cfg = train_mod.TrainConfig(arch="resnet20", data=_npz(tmp_path / "c.npz", 8, (3, 32, 32)), sigma=0.25,
                                 epochs=1, output=str(tmp_path / "r.pt"), init=str(AKAMASTER))
-    prep = train_mod.prepare(cfg)
+    prep = train_mod.prepare_training(cfg)
     assert prep.init_sha256.startswith("12fca82f")
 
 

@@ -11,12 +11,12 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from qnets import NetSpec, SmallNet, brute_force_robust, build_sim, shift_margin
 
-from arqc.errors import ArqcError
-from arqc.ibp_report import certify_ibp, format_report
-from passes.analysis import analyze
-from passes.capture import capture
-from passes.lower import lower
-from runtime.verify import grid_box, verify_complete
+from arqc.base import ArqcError
+from arqc.certify_linf import certify_ibp, format_linf_report
+from arqc.passes.analysis import analyze
+from arqc.passes.capture import capture
+from arqc.passes.lower import lower
+from arqc.runtime.verify import grid_box, verify_complete
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPES = [(1, 2, 2), (1, 1, 5), (1, 2, 3), (2, 2, 2), (1, 3, 3), (1, 2, 5), (2, 2, 3), (1, 3, 4), (3, 2, 2)]
@@ -99,7 +99,7 @@ def test_counterexamples_are_confirmed_by_the_oracle():
 
 
 def _onnx_oracle(sim):
-    from runtime.verify import onnx_oracle
+    from arqc.runtime.verify import onnx_oracle
 
     return onnx_oracle(lower(sim))
 
@@ -129,7 +129,7 @@ def test_certify_report(tmp_path):
         assert set(point) >= {"index", "label", "status", "margin_lower"} and point["status"] == "falsified"
         for p in report["points"]:
             assert p["status"] != "verified" or p["margin_lower"] > 0 or report is full
-        assert f"{100 * report['verified_accuracy']:.2f}%" in format_report(report)
+        assert f"{100 * report['verified_accuracy']:.2f}%" in format_linf_report(report)
     assert full["unknown"] == 0 and full["judge"] == "onnxruntime"
     assert full["verified"] >= ibp["verified"] and full["ibp_verified_accuracy"] == ibp["verified_accuracy"]
     for p, q in zip(ibp["points"], full["points"], strict=True):  # the complete verifier decides every point

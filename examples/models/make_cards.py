@@ -16,7 +16,8 @@ import json
 import statistics
 from pathlib import Path
 
-from arqc.loading import atomic_write, load_model
+from arqc.base import atomic_write
+from arqc.loading import load_model
 
 MODELS = Path("examples/models")
 RADII = ("0.00", "0.25", "0.50", "0.75", "1.00")

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from arqc.archs import CIFAR_MEAN, CIFAR_STD, MNIST_MEAN, MNIST_STD, Normalize
+from arqc.certify_linf import certify_ibp, format_linf_report
 from arqc.data import load_images
-from arqc.ibp_report import certify_ibp, format_report
+from arqc.passes.analysis import analyze
+from arqc.passes.capture import capture
+from arqc.passes.lower import lower
+from arqc.passes.policy import uniform
 from arqc.qaibp import train_qaibp
-from passes.analysis import analyze
-from passes.capture import capture
-from passes.lower import lower
-from passes.policy import uniform
 
 DATASETS = {"mnist": ((1, 28, 28), MNIST_MEAN, MNIST_STD), "cifar10": ((3, 32, 32), CIFAR_MEAN, CIFAR_STD)}
 
@@ -87,7 +87,7 @@ def main() -> None:
             (out / f"{name}.onnx").write_bytes(model.SerializeToString())
             report = certify_ibp(sim, test, k / 255, complete=True, timeout=args.timeout, onnx_model=model,
                                  device="cpu")
-            print(format_report(report), flush=True)
+            print(format_linf_report(report), flush=True)
             report.update(bits=bits, train_seconds=train_s, history=history, args=vars(args))
             (out / f"{name}.json").write_text(json.dumps(report, indent=1))
             rows.append(f"| W{bits}A{bits} | {k}/255 | {100 * report['clean_accuracy']:.1f} | "

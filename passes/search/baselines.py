@@ -1,5 +1,5 @@
 """Baseline allocators in the same harness and budget as ARQ: uniform bits and a sensitivity-greedy
-allocator (HAWQ-like, with a cheap proxy). Random search and HAQ live in loop.py / rewards.py."""
+allocator (HAWQ-like, with a cheap proxy). Random search and HAQ live in loop.py (HAQ's reward: arqc/rewards.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import torch
 
-from arqc.errors import ArqcError
-from passes.policy import Policy
-from passes.search.budget import LayerSpec, bitops, fp32_bitops
+from arqc.base import ArqcError
+from arqc.passes.policy import Policy
+from arqc.passes.search.budget import LayerSpec, bitops, fp32_bitops
 
 
 def uniform_policy(layers: list[LayerSpec], budget: float, min_bits: int = 2, max_bits: int = 8,

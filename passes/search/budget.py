@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch.fx
 from torch import nn
 
-from arqc.errors import ArqcError
-from passes.meta import info, quantizable_nodes
-from passes.policy import Policy
+from arqc.base import ArqcError
+from arqc.passes.meta import info, quantizable_nodes
+from arqc.passes.policy import Policy
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from passes.policy import Policy
-from passes.search.budget import LayerSpec, enforce_budget, fp32_bitops
+from arqc.passes.policy import Policy
+from arqc.passes.search.budget import LayerSpec, enforce_budget, fp32_bitops
 
 STATE_DIM = 11
 

@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from arqc.errors import ArqcError
-from arqc.loading import atomic_write
-from passes.policy import Policy, policy_to_json
-from passes.search.agent import DDPG, DDPGConfig
-from passes.search.budget import bitops, enforce_budget, fp32_bitops
-from passes.search.env import STATE_DIM, BitAllocationEnv
+from arqc.base import ArqcError, atomic_write, first_difference
+from arqc.passes.policy import Policy, policy_to_json
+from arqc.passes.search.agent import DDPG, DDPGConfig
+from arqc.passes.search.budget import bitops, enforce_budget, fp32_bitops
+from arqc.passes.search.env import STATE_DIM, BitAllocationEnv
 
 RewardFn = Callable[[Policy], tuple[float, dict]]
 
@@ -42,9 +41,10 @@ def _load_state(state_path: Path | None, signature: dict) -> dict | None:
     if state_path is None or not state_path.exists():
         return None
     state = torch.load(state_path, map_location="cpu", weights_only=True)
-    if state.get("signature") != signature:
-        raise ArqcError(f"{state_path} belongs to a search with other arguments; use the same arguments to "
-                        "resume, or remove the work directory to start over")
+    key = first_difference(state.get("signature") or {}, signature)
+    if key is not None:
+        raise ArqcError(f"{state_path} belongs to a search with other arguments (they differ in '{key}'); use the "
+                        "same arguments to resume, or remove the work directory to start over")
     return state
 
 

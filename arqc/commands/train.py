@@ -1,4 +1,6 @@
-"""``arqc train``: Gaussian-noise training of a smoothing base classifier, saved as an arqc checkpoint."""
+"""``arqc train``: Gaussian-noise training of a smoothing base classifier, saved as an arqc checkpoint
+(arqc/train.py), or QA-IBP training of a quantized network, written as the QDQ ONNX model it trains
+(arqc/qaibp.py; weights and scales as trained, so ``arqc certify --method ibp`` reads it back)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,13 @@ import sys
 import click
 import torch
 
-from arqc.errors import ArqcError
-from arqc.train import AUGMENTS, SCHEDULES, TrainConfig, prepare, resume_path, train
+from arqc.augment import AUGMENTS
+from arqc.base import ArqcError, atomic_write
+from arqc.commands.options import bits_options, parse_epsilon
+from arqc.data import load_images
+from arqc.pipeline import prepare_model, resolve_policy, to_onnx
+from arqc.qaibp import train_qaibp
+from arqc.train import SCHEDULES, TrainConfig, prepare_training, resume_path, train
 
 
 @click.command(name="train")
@@ -21,10 +28,7 @@ from arqc.train import AUGMENTS, SCHEDULES, TrainConfig, prepare, resume_path, t
               "quantized network (--epsilon, --bits/--policy), written as ONNX.")
 @click.option("--sigma", type=float, help="Noise std in [0, 1] pixel units (certify with the same).")
 @click.option("--epsilon", help="qa-ibp: L-inf radius to train for (e.g. 0.1 or 26/255).")
-@click.option("--bits", type=int, help="qa-ibp: uniform weight and activation bits.")
-@click.option("--w-bits", type=int, help="qa-ibp: uniform weight bits.")
-@click.option("--a-bits", type=int, help="qa-ibp: uniform activation bits.")
-@click.option("--policy", "policy_path", type=click.Path(dir_okay=False), help="qa-ibp: precision policy JSON.")
+@bits_options("qa-ibp: ")
 @click.option("--kappa-end", type=float, default=0.5, show_default=True,
               help="qa-ibp: final weight of the natural loss.")
 @click.option("--epochs", required=True, type=int, help="Number of passes over the training images.")
@@ -59,11 +63,9 @@ def train_cmd(arch, data, method, sigma, epsilon, bits, w_bits, a_bits, policy_p
             raise ArqcError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     if method == "qa-ibp":
-        from arqc.qaibp_cli import train_qaibp_cli
-
         if sigma is not None or resume or exclude or val:
             raise ArqcError("--sigma, --resume, --exclude and --val belong to --method gaussian")
-        return train_qaibp_cli(arch=arch, data=data, epsilon=epsilon, bits=bits, w_bits=w_bits, a_bits=a_bits,
+        return _train_qaibp(arch=arch, data=data, epsilon=epsilon, bits=bits, w_bits=w_bits, a_bits=a_bits,
                                policy_path=policy_path, kappa_end=kappa_end, epochs=epochs, output=output,
                                init=init, lr=lr, batch_size=batch_size, seed=seed, device=device)
     if sigma is None:
@@ -74,7 +76,7 @@ def train_cmd(arch, data, method, sigma, epsilon, bits, w_bits, a_bits, policy_p
                       schedule=schedule, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay,
                       augment=augment, exclude=list(exclude), val=val, seed=seed,
                       command=shlex.join(["arqc", *sys.argv[1:]]))
-    prep = prepare(cfg)
+    prep = prepare_training(cfg)
     for e in prep.excluded:
         click.echo(f"excluded {e['removed_from_training']} training images matching {e['spec']} "
                    f"({e['matched']} matches, {e['images']} images there)")
@@ -83,3 +85,30 @@ def train_cmd(arch, data, method, sigma, epsilon, bits, w_bits, a_bits, policy_p
     card = train(prep, resume=resume, device=device, progress=not no_progress, log=click.echo)
     acc = "  ".join(f"{k} {100 * v:.2f}%" for k, v in card["final_accuracy"].items())
     click.echo(f"wrote {output} ({acc})")
+
+
+def _train_qaibp(*, arch, data, epsilon, bits, w_bits, a_bits, policy_path, kappa_end, epochs, output, init,
+                    lr, batch_size, seed, device) -> None:
+    """Train a quantized network with QA-IBP at a fixed precision and write it as QDQ ONNX."""
+    if epsilon is None:
+        raise ArqcError("--method qa-ibp needs --epsilon (the L-inf radius to train for, e.g. 0.1)")
+    if not output.endswith(".onnx"):
+        raise ArqcError(f"--method qa-ibp writes the trained quantized network as ONNX: give -o {output}.onnx")
+    if bits is None and w_bits is None and a_bits is None and policy_path is None:
+        raise ArqcError("--method qa-ibp trains a quantized network: give --bits B, --w-bits/--a-bits or --policy")
+    eps = parse_epsilon(epsilon)
+    images = load_images(data)
+    prep = prepare_model(init, arch, images=images)
+    policy = resolve_policy(prep.gm, bits, w_bits, a_bits, policy_path, default=32)
+    click.echo(f"QA-IBP training of {arch} on {len(images)} images of {data}: epsilon={eps:g}, {epochs} epochs")
+    sim, history = train_qaibp(prep.gm, images, eps, epochs, policy, kappa_end=kappa_end, lr=lr,
+                               batch_size=batch_size, seed=seed, device=device,
+                               log=lambda r: click.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else
+                                                                 f"{k}={v}" for k, v in r.items())))
+    settings = prep.settings(source=init, scales="float", calibration_data=data,
+                             command=shlex.join(["arqc", *sys.argv[1:]]),
+                             training={"method": "qa-ibp", "epsilon": eps, "epochs": epochs, "kappa_end": kappa_end,
+                                       "lr": lr, "seed": seed, "history": history})
+    model = to_onnx(sim.cpu(), settings)
+    atomic_write(output, lambda f: f.write(model.SerializeToString()))
+    click.echo(f"wrote {output}")

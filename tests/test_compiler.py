@@ -8,12 +8,13 @@ from dataclasses import replace
 
 import onnx
 import pytest
+from cli_helpers import assert_one_error_line, run_cli
 
-from arqc.arq import Run, SearchSettings
+from arqc.arq import Run
+from arqc.base import ArqcError
 from arqc.data import load_images
-from arqc.errors import ArqcError
-from arqc.pipeline import prepare
-from tests.test_cli import assert_one_error_line, run_cli
+from arqc.pipeline import prepare_model
+from arqc.settings import SearchSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,7 +82,7 @@ def _props(model) -> dict:
 
 def test_fp32_cache_of_another_sigma_is_refused(search_inputs, tmp_path):
     train, test = load_images(f"npz:{search_inputs / 'train.npz'}"), load_images(f"npz:{search_inputs / 'test.npz'}")
-    prep = prepare(str(search_inputs / "m.pt"), images=train)
+    prep = prepare_model(str(search_inputs / "m.pt"), images=train)
     s = SearchSettings(method="arq", budget=0.05, sigma=0.25, episodes=2, warmup=1, search_images=6, cache_n=40,
                        search_n=20, n0=10, n=40, test_images=4, finetune_epochs=0, calib_images=16, batch_size=64)
     Run(prep, train, test, s, tmp_path / "a", resume=False, progress=False, fp32_dir=tmp_path / "fp32").fp32_cache()

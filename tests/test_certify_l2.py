@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-import runtime.run
 from arqc import archs
 from arqc.cli import main
 from arqc.loading import save_checkpoint
+from arqc.runtime import run as certify_run
 
 SMALL = ["--sigma", "0.25", "--n", "200", "--n0", "20", "--alpha", "0.01"]
 NUM_IMAGES = 4
@@ -139,7 +139,7 @@ def test_skip_and_num_images_select_points_with_their_own_noise(torch_run, files
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(torch_run, files, tmp_path, capsys, monkeypatch):
-    real = runtime.run._certify_point
+    real = certify_run._certify_point
     calls = []
 
     def dies_after_two(*args, **kwargs):
@@ -151,7 +151,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(torch_run, files, t
     out = tmp_path / "r.json"
     state = Path(str(out) + ".state")
     args = ["certify", files["model"], "--data", files["data"], *SMALL, "--json", out]
-    monkeypatch.setattr(runtime.run, "_certify_point", dies_after_two)
+    monkeypatch.setattr(certify_run, "_certify_point", dies_after_two)
     code, _, err = arqc(capsys, *args)
     assert code == 130 and "2 of 4 points are saved" in err
     assert not out.exists() and len(state.read_text().splitlines()) == 1 + 2  # header + 2 finished points
@@ -164,7 +164,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(torch_run, files, t
         calls.append(args[3])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runtime.run, "_certify_point", counts)
+    monkeypatch.setattr(certify_run, "_certify_point", counts)
     code, stdout, _ = arqc(capsys, *args)
     assert code == 0 and "2 of 4 points were done" in stdout
     assert calls == [0, 1, 2, 3]  # the rerun certified only the two points left
@@ -236,9 +236,9 @@ def test_compile_verify_reports_the_onnx_certificate_and_the_disagreement(files,
 
 
 def test_compile_verify_refuses_a_model_that_disagrees(files, tmp_path, capsys, monkeypatch):
-    from arqc import pipeline
+    from arqc import compiler
 
-    real = pipeline.to_onnx
+    real = compiler.to_onnx
 
     def skewed(sim, settings, int4_weights=False):  # lower a model that differs from the simulation
         sim = copy.deepcopy(sim)
@@ -246,7 +246,7 @@ def test_compile_verify_refuses_a_model_that_disagrees(files, tmp_path, capsys, 
             [m for m in sim.modules() if isinstance(m, torch.nn.Linear)][-1].bias[1] += 50.0
         return real(sim, settings, int4_weights)
 
-    monkeypatch.setattr(pipeline, "to_onnx", skewed)
+    monkeypatch.setattr(compiler, "to_onnx", skewed)
     code, _, err = arqc(capsys, "compile", files["model"], "--bits", "8", "--data", files["data"], "-o",
                         tmp_path / "q.onnx", "--report", tmp_path / "r.json", "--test-data", files["data"],
                         *VERIFY)
@@ -343,13 +343,13 @@ def test_bad_compile_verify_input_is_one_line_and_writes_nothing(case, files, tm
 
 
 def test_a_named_state_file_is_kept_and_a_larger_run_extends_it(torch_run, files, tmp_path, capsys, monkeypatch):
-    real, calls = runtime.run._certify_point, []
+    real, calls = certify_run._certify_point, []
 
     def counts(*args, **kwargs):
         calls.append(args[3])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runtime.run, "_certify_point", counts)
+    monkeypatch.setattr(certify_run, "_certify_point", counts)
     state = tmp_path / "keep.state"
     base = ["certify", files["model"], "--data", files["data"], *SMALL, "--state", state]
     code, _, err = arqc(capsys, *base, "--num-images", "2", "--json", tmp_path / "two.json")

@@ -10,9 +10,9 @@ import json
 
 import onnx
 
-from arqc.errors import ArqcError
+from arqc.base import ArqcError
 
-SUMMARY_RADII = ("0.00", "0.25", "0.50", "0.75", "1.00")  # keys of runtime.run results
+SUMMARY_RADII = ("0.00", "0.25", "0.50", "0.75", "1.00")  # keys of arqc.runtime.run results
 
 
 def report_from_onnx(path: str) -> dict:
@@ -26,7 +26,7 @@ def report_from_onnx(path: str) -> dict:
     raise ArqcError(f"{path} carries no arqc report; it was compiled without --budget/--sigma, or not by arqc")
 
 
-def format_report(r: dict) -> str:
+def format_compile_report(r: dict) -> str:
     lines = [f"{'layer':<28} {'W':>3} {'A':>3} {'BitOps share':>13}", "-" * 50]
     for layer in r["layers"]:
         lines.append(f"{layer['name'][:28]:<28} {layer['w_bits']:>3} {layer['a_bits']:>3} "
@@ -108,4 +108,4 @@ def render_html(r: dict, others: list[dict] | None = None) -> str:
     figs = _plots(r, others or [])
     body = "".join(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{png}'>" for title, png in figs)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>arqc report</title></head><body>"
-            f"<h1>arqc compile report</h1><pre>{html.escape(format_report(r))}</pre>{body}</body></html>")
+            f"<h1>arqc compile report</h1><pre>{html.escape(format_compile_report(r))}</pre>{body}</body></html>")

@@ -11,11 +11,11 @@ import torch
 
 from arqc import archs
 from arqc.cli import main
-from arqc.cmd_ibp import parse_epsilon
+from arqc.commands.options import parse_epsilon
 from arqc.data import load_images
 from arqc.loading import save_checkpoint
-from arqc.pipeline import prepare, quantize, to_onnx
-from passes.policy import uniform
+from arqc.passes.policy import uniform
+from arqc.pipeline import prepare_model, quantize, to_onnx
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +28,9 @@ def compiled(tmp_path_factory):
     rng = np.random.default_rng(0)
     np.savez(root / "d.npz", x=rng.integers(0, 256, (6, 28, 28), dtype=np.uint8), y=np.arange(6) % 10)
     images = load_images(f"npz:{root / 'd.npz'}")
-    prep = prepare(str(ckpt))
+    prep = prepare_model(str(ckpt))
     sim = quantize(prep, uniform(prep.gm, 4, 4), images, 6)
-    onnx.save(to_onnx(sim, {"source": str(ckpt), "arch": "mnist_cnn", "input_shape": [1, 28, 28],
-                            "num_classes": 10}), root / "m.onnx")
+    onnx.save(to_onnx(sim, prep.settings(source=str(ckpt))), root / "m.onnx")
     return root
 
 

@@ -7,11 +7,12 @@ from dataclasses import replace
 
 import pytest
 
-from arqc.arq import Run, SearchSettings
+from arqc import rewards
+from arqc.arq import Run
+from arqc.base import ArqcError
 from arqc.data import load_images
-from arqc.errors import ArqcError
-from arqc.pipeline import prepare
-from passes.search import rewards
+from arqc.pipeline import prepare_model
+from arqc.settings import SearchSettings
 
 SETTINGS = SearchSettings(method="arq", budget=0.05, sigma=0.25, episodes=3, warmup=1, search_images=6,
                           cache_n=40, search_n=20, n0=10, n=40, test_images=4, finetune_epochs=1, calib_images=16,
@@ -22,7 +23,7 @@ SETTINGS = SearchSettings(method="arq", budget=0.05, sigma=0.25, episodes=3, war
 def setup(search_inputs):
     root = search_inputs
     train, test = load_images(f"npz:{root / 'train.npz'}"), load_images(f"npz:{root / 'test.npz'}")
-    return root, prepare(str(root / "m.pt"), images=train), train, test
+    return root, prepare_model(str(root / "m.pt"), images=train), train, test
 
 
 def _comparable(report: dict) -> dict:
@@ -31,7 +32,7 @@ def _comparable(report: dict) -> dict:
 
 def test_interrupted_run_resumes_to_the_same_result(setup, monkeypatch):
     root, prep, train, test = setup
-    _, whole = Run(prep, train, test, SETTINGS, root / "whole", resume=False, progress=False).run({})
+    _, whole = Run(prep, train, test, SETTINGS, root / "whole", resume=False, progress=False).run(prep.settings())
     score, calls = rewards.CertifiedReward.score, []
 
     def interrupted(self, policy):
@@ -42,9 +43,9 @@ def test_interrupted_run_resumes_to_the_same_result(setup, monkeypatch):
 
     monkeypatch.setattr(rewards.CertifiedReward, "score", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        Run(prep, train, test, SETTINGS, root / "cut", resume=False, progress=False).run({})
+        Run(prep, train, test, SETTINGS, root / "cut", resume=False, progress=False).run(prep.settings())
     monkeypatch.setattr(rewards.CertifiedReward, "score", score)
-    model, resumed = Run(prep, train, test, SETTINGS, root / "cut", resume=True, progress=False).run({})
+    model, resumed = Run(prep, train, test, SETTINGS, root / "cut", resume=True, progress=False).run(prep.settings())
     assert _comparable(resumed) == _comparable(whole)
     assert len(resumed["episodes"]) == 3 and resumed["method"] == "arq"
     assert any(p.key == "arqc.report" for p in model.metadata_props)
@@ -88,8 +89,8 @@ def test_qat_runs_on_the_finetune_images(setup):
     root, prep, train, test = setup
     s = replace(SETTINGS, method="uniform")
     other = load_images(f"npz:{root / 'test.npz'}")  # any other labelled set of the same shape
-    Run(prep, train, test, s, root / "ft_train", resume=False, progress=False).run({})
-    Run(prep, train, test, s, root / "ft_other", resume=False, progress=False, finetune=other).run({})
+    Run(prep, train, test, s, root / "ft_train", resume=False, progress=False).run(prep.settings())
+    Run(prep, train, test, s, root / "ft_other", resume=False, progress=False, finetune=other).run(prep.settings())
     a = torch.load(root / "ft_train" / "qat.pt", weights_only=True)["model"]
     b = torch.load(root / "ft_other" / "qat.pt", weights_only=True)["model"]
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())

@@ -1,4 +1,5 @@
-"""Rewards for the search: each asks runtime/ for a number about a candidate policy.
+"""Rewards for the search, which the driver hands to the search loop (passes/search/ knows nothing of
+runtime/): each asks runtime/ for a number about a candidate policy.
 
 - :class:`CertifiedReward` (ARQ): ACR of the quantized smoothed classifier on the search images, certified
   by IRS against the FP32 model's cache (runtime/irs.py), plus λ × its clean smoothed accuracy. Images whose
@@ -16,10 +17,10 @@ from collections.abc import Callable
 import torch
 import torch.fx
 
-from passes.policy import Policy
-from runtime.backends import Backend, TorchBackend
-from runtime.irs_cache import IrsCache
-from runtime.run import certify_dataset
+from arqc.passes.policy import Policy
+from arqc.runtime.backends import Backend, TorchBackend
+from arqc.runtime.irs_cache import IrsCache
+from arqc.runtime.run import certify_dataset
 
 SimFactory = Callable[[Policy], torch.fx.GraphModule]  # policy → calibrated simulated model
 
@@ -62,10 +63,10 @@ class CertifiedReward(_Memo):
         result = certify_dataset(self.make_backend(policy), self.images, self.labels, self.ids,
                                  sigma=self.cache_fp32.sigma, n=self.n_prime, alpha=self.cache_fp32.alpha,
                                  batch_size=self.batch_size, irs_cache=self.cache_fp32, progress=False)
-        samples = sum(p["samples"] for p in result["points"])
+        samples = sum(p["samples"] for p in result.points)
         self.samples += samples
         share = len(self.ids) / self.total  # the skipped images score 0 in both terms
-        acr, clean = result["acr"] * share, result["clean_accuracy"] * share
+        acr, clean = result.acr * share, result.clean_accuracy * share
         return acr + self.lam * clean, {"acr": acr, "clean_accuracy": clean, "samples": samples}
 
 

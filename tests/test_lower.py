@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from onnx import TensorProto, numpy_helper
 from torch import nn
 
-from arqc.errors import ArqcError
-from passes.analysis import analyze
-from passes.capture import capture
-from passes.lower import METADATA_KEYS, lower, read_metadata
-from passes.meta import info, quantizable_nodes
-from passes.policy import apply_policy, current_policy, uniform
-from passes.quantize import QuantLayer, simulate
+from arqc.base import ArqcError
+from arqc.passes.analysis import analyze
+from arqc.passes.capture import capture
+from arqc.passes.lower import METADATA_KEYS, lower, read_metadata
+from arqc.passes.meta import info, quantizable_nodes
+from arqc.passes.policy import apply_policy, current_policy, uniform
+from arqc.passes.quantize import QuantLayer, simulate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,6 +1,7 @@
 """L∞ certification of a data set with IBP, optionally completed by the verifier (DESIGN §4).
 
-``certify_ibp`` returns the JSON report of ``arqc certify --method ibp``; ``format_report`` is its table.
+``certify_ibp`` returns the JSON report of ``arqc certify --method ibp``; ``format_linf_report`` is its table;
+``quantized_model`` loads the network it bounds.
 Point statuses: "verified" (certified for every input in the box), "falsified" (an input in the box that the
 quantized network misclassifies: the clean image itself, or a grid point found by the attack or the
 verifier, confirmed by the ONNX model when one is given), "timeout" (the complete verifier ran out of time),
@@ -14,11 +15,14 @@ import time
 import torch
 import torch.fx
 
+from arqc.base import ArqcError
 from arqc.data import ImageSet
-from arqc.errors import ArqcError
-from passes.quantize import QuantLayer
-from runtime.ibp import check_epsilon, check_supported, input_box, margin_bounds, worst_margin
-from runtime.verify import (
+from arqc.onnx_import import simulation_from_onnx
+from arqc.passes.quantize import QuantLayer
+from arqc.pipeline import load_data, prepare_model, quantize, resolve_policy
+from arqc.runtime.devices import resolve_device
+from arqc.runtime.ibp import check_epsilon, check_supported, input_box, margin_bounds, worst_margin
+from arqc.runtime.verify import (
     LEVELS,
     grid_attack,
     grid_box,
@@ -27,8 +31,28 @@ from runtime.verify import (
     torch_oracle,
     verify_complete,
 )
+from arqc.settings import CompileSettings
 
 STATUSES = ("verified", "falsified", "timeout", "unknown")
+
+
+def quantized_model(model: str, *, arch: str | None = None, trust_pickle: bool = False,
+                    input_shape: tuple[int, ...] | None = None, bits: int | None = None, w_bits: int | None = None,
+                    a_bits: int | None = None, policy: str | None = None, calib_data: str | None = None
+                    ) -> tuple[torch.fx.GraphModule, tuple, int | None, str | None]:
+    """The simulated network that ``arqc certify --method ibp`` bounds: (graph, input shape, classes, the ONNX
+    file when MODEL is one). An ONNX model arqc emitted says how it is quantized (its metadata); a checkpoint
+    is quantized at the bit options, its activation ranges calibrated on ``calib_data``."""
+    if model.endswith(".onnx"):
+        if bits or w_bits or a_bits or policy or calib_data:
+            raise ArqcError(f"{model} already says how it is quantized; drop --bits/--policy/--calib-data")
+        sim, meta = simulation_from_onnx(model, trust_pickle=trust_pickle)
+        settings = CompileSettings.from_json(meta["arqc.settings"])
+        return sim, tuple(settings.input_shape), settings.num_classes, model
+    calib = load_data(calib_data)
+    prep = prepare_model(model, arch, trust_pickle, input_shape, calib)
+    sim = quantize(prep, resolve_policy(prep.gm, bits, w_bits, a_bits, policy, default=32), calib)
+    return sim, prep.input_shape, prep.loaded.num_classes, None
 
 
 def is_quantized(gm: torch.fx.GraphModule) -> bool:
@@ -57,7 +81,7 @@ def certify_ibp(sim_gm: torch.fx.GraphModule, images: ImageSet | tuple[torch.Ten
                         "compile it with --bits, or run IBP without --complete")
     if complete and not grid:
         grid_box(x, epsilon)  # raises the one-line error about 8-bit inputs
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     gm = sim_gm.to(device).eval()
     oracle = onnx_oracle(onnx_model) if onnx_model is not None else None
     judge = oracle or torch_oracle(gm)
@@ -127,7 +151,7 @@ def _attack(gm, x, label, epsilon, judge, steps) -> bool:
     return bool((judge(images) != label).any())
 
 
-def format_report(report: dict) -> str:
+def format_linf_report(report: dict) -> str:
     """The summary table of a :func:`certify_ibp` report."""
     n = report["num_images"]
     eps = report["epsilon"]

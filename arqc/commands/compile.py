@@ -1,0 +1,115 @@
+"""``arqc compile``: quantize a model at a fixed precision or under a BitOps budget (the ARQ search), lower it
+to QDQ ONNX, and with --sigma certify the written bytes in onnxruntime first."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+import click
+
+from arqc import api
+from arqc.base import ArqcError, atomic_write, write_json
+from arqc.commands.options import bits_options, certify_settings, certify_settings_options, model_options, parse_shape
+from arqc.passes.quantize import SCALES
+from arqc.passes.search.budget import parse_budget
+from arqc.reports import format_compile_report, render_html
+from arqc.settings import METHODS, SearchSettings
+
+SEARCH = SearchSettings()  # the defaults of the search options
+
+
+def search_options(f):
+    """The options of ``arqc compile --budget`` (the ARQ search)."""
+    d = SEARCH
+    for decorator in reversed([
+        click.option("--budget", help="BitOps budget as a share of FP32, e.g. 1.5%: search the precision."),
+        click.option("--method", type=click.Choice(METHODS), default=d.method, show_default=True,
+                     help="arq (certified reward), haq (accuracy reward), uniform, random, greedy."),
+        click.option("--episodes", type=int, default=d.episodes, show_default=True),
+        click.option("--warmup", type=int, default=d.warmup, show_default=True, help="Random episodes first."),
+        click.option("--demo", type=click.Choice(["greedy", "none"]), default=d.demo, show_default=True,
+                     help="arq/haq: demonstrate the sensitivity-greedy policy in the last warm-up episode "
+                     "and explore around it."),
+        click.option("--search-images", type=int, default=d.search_images, show_default=True,
+                     help="Training images the search certifies (after the calibration images)."),
+        click.option("--cache-n", type=int, default=d.cache_n, show_default=True,
+                     help="FP32 samples per search image (the IRS cache)."),
+        click.option("--search-n", type=int, default=d.search_n, show_default=True,
+                     help="Samples of each candidate per search image (IRS n')."),
+        click.option("--lam", type=float, default=d.lam, show_default=True,
+                     help="Weight of clean smoothed accuracy in the ARQ reward."),
+        click.option("--finetune-epochs", type=int, default=d.finetune_epochs, show_default=True,
+                     help="Noise-aware QAT epochs on --finetune-data."),
+        click.option("--finetune-data", help="Training images for QAT, e.g. the whole training split "
+                     "[default: --data]. Never the test images."),
+        click.option("--episode-finetune-epochs", type=int, default=d.episode_finetune_epochs, show_default=True,
+                     help="Fine-tune every search candidate for this many epochs (HAQ) on the --data images "
+                     "outside the search split before scoring it (0 = off)."),
+        click.option("--lr", type=float, default=d.lr, show_default=True, help="QAT learning rate."),
+        click.option("--device", help="Where QAT, fine-tunes and the FP32 model's sampling run: cpu or cuda[:N] "
+                     "[default: cuda when available]. Candidates run in onnxruntime on the CPU."),
+        click.option("--workdir", help="Where the stages are kept [default: OUTPUT.arqc/]."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run in --workdir."),
+        click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write the HTML report."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+@click.command(name="compile")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The ONNX file to write.")
+@model_options
+@bits_options()
+@click.option("--data", help="Calibration images (clean training split), e.g. cifar10:DIR:train.")
+@click.option("--calib-images", default=512, show_default=True, help="Images used for activation ranges.")
+@click.option("--scales", type=click.Choice(SCALES), default="float", show_default=True,
+              help="float: DESIGN's max scaling; po2: power-of-two scales, bit-exact across backends.")
+@click.option("--int4-weights", is_flag=True, help="Store <=4-bit weights in native INT4 containers.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the compile report JSON.")
+@click.option("--calib-sigma", type=float,
+              help="Calibrate activation ranges on images with N(0, s^2) noise [default: --sigma, else 0].")
+@certify_settings_options
+@search_options
+def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bits, policy_path, data,
+             calib_images, scales, int4_weights, report_path, calib_sigma, sigma, verify, test_data, num_images, n,
+             n0, alpha, max_disagreement, seed, budget, method, episodes, warmup, demo, search_images, cache_n,
+             search_n, lam, finetune_epochs, finetune_data, episode_finetune_epochs, lr, device, workdir, resume,
+             html_path):
+    """Quantize MODEL and lower it to a QDQ ONNX model: at a fixed precision (--bits, --w-bits/--a-bits,
+    --policy), or at the precision an ARQ search finds under a BitOps --budget.
+
+    With --sigma, the ONNX model is certified in onnxruntime (ENABLE_ALL) on --test-data and the certificate
+    goes into the report; with --verify, per-sample predictions of onnxruntime and the torch simulation on the
+    same noise are compared too, and the model is written only if they disagree on at most --max-disagreement
+    of the samples. Activation ranges are calibrated on --data images with noise at --calib-sigma, which
+    defaults to --sigma: the inputs a smoothed classifier's base model sees.
+    """
+    check = certify_settings(sigma, verify, test_data, num_images=num_images, n=n, n0=n0, alpha=alpha,
+                             max_disagreement=max_disagreement, seed=seed)
+    search = None
+    if budget is None:
+        if resume or workdir or html_path:
+            raise ArqcError("--resume, --workdir and --html belong to a search: add --budget")
+    else:
+        search = SearchSettings(method=method, budget=parse_budget(budget), episodes=episodes, warmup=warmup,
+                                demo=demo, search_images=search_images, cache_n=cache_n, search_n=search_n, lam=lam,
+                                finetune_epochs=finetune_epochs, episode_finetune_epochs=episode_finetune_epochs,
+                                lr=lr, device=device)
+        workdir = workdir or f"{output}.arqc"
+    result = api.compile(model, data, arch=arch, input_shape=parse_shape(input_shape), trust_pickle=trust_pickle,
+                         bits=bits, w_bits=w_bits, a_bits=a_bits, policy=policy_path,
+                         budget=search.budget if search else None, search=search, certify=check,
+                         test_images=test_data, calib_images=calib_images, calib_sigma=calib_sigma, scales=scales,
+                         int4_weights=int4_weights, finetune_images=finetune_data, workdir=workdir, resume=resume,
+                         command=shlex.join(["arqc", *sys.argv[1:]]), progress=True, log=click.echo)
+    if search is not None:
+        click.echo(format_compile_report(result.report))
+    result.save(output)
+    click.echo(f"wrote {output}" + (f" (stages kept in {workdir})" if search is not None else ""))
+    if report_path:
+        write_json(report_path, result.report)
+    if html_path:
+        html = render_html(result.report)
+        atomic_write(html_path, lambda f: f.write(html.encode()))
