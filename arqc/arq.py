@@ -36,7 +36,7 @@ from arqc.passes.search.baselines import greedy_policy, sensitivity, uniform_pol
 from arqc.passes.search.budget import check_budget, layer_specs
 from arqc.passes.search.env import BitAllocationEnv
 from arqc.passes.search.loop import ddpg_search, random_search
-from arqc.pipeline import PreparedModel, quantize, to_onnx
+from arqc.pipeline import PreparedModel, model_identity, quantize, to_onnx
 from arqc.qat import finetune
 from arqc.rewards import AccuracyReward, CertifiedReward
 from arqc.runtime.backends import ComparingBackend, OrtBackend, TorchBackend
@@ -79,7 +79,7 @@ class Run:
         # differ from a CPU's, so a run started on one is not continued on the other
         settings = asdict(self.s)
         del settings["device"]
-        return {"settings": settings, "model": TorchBackend(self.prep.gm, device="cpu").fingerprint(),
+        return {"settings": settings, "model": model_identity(self.prep.gm),
                 "train": self.train.spec, "test": self.test.spec, "finetune": self.finetune_set.spec,
                 "device": self.device}
 

@@ -14,6 +14,7 @@ from arqc.arq import Run
 from arqc.base import ArqcError
 from arqc.data import load_images
 from arqc.pipeline import prepare_model
+from arqc.reports import format_compile_report
 from arqc.settings import SearchSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,6 +71,17 @@ def test_search_runs_resumes_and_refuses_other_arguments(search_inputs, tmp_path
     again = onnx.load(tmp_path / "q.onnx")
     assert again.graph.SerializeToString() == first.graph.SerializeToString()
     assert _props(again) == _props(first)
+
+    # `arqc report` rebuilds the same report from the file alone, and plots it next to a baseline's JSON
+    model, html = str(tmp_path / "q.onnx"), tmp_path / "h.html"
+    code, out, err = run_cli(["report", model, "--html", str(html), "--compare", str(tmp_path / "r.json")], capsys)
+    assert code == 0, err
+    assert format_compile_report(report) in out and html.read_text().startswith("<!doctype html>")
+    (tmp_path / "bad.json").write_text("{")
+    code, _, err = run_cli(["report", model, "--html", str(tmp_path / "h2.html"), "--compare",
+                            str(tmp_path / "bad.json")], capsys)
+    assert_one_error_line(code, err, "cannot read report")
+    assert not (tmp_path / "h2.html").exists()
 
 
 def _props(model) -> dict:

@@ -114,11 +114,13 @@ GRAPH = import_graph(modules())
 
 
 def test_every_layer_imports_only_layers_below_it():
-    assert layer_violations(GRAPH) == []
+    problems = layer_violations(GRAPH)
+    assert not problems, "\n".join(problems)
 
 
 def test_no_import_cycles():
-    assert cycles(GRAPH) == []
+    found = cycles(GRAPH)
+    assert not found, "\n".join("import cycle among " + ", ".join(group) for group in found)
 
 
 def test_the_leaf_imports_nothing_of_arqc():

@@ -66,8 +66,8 @@ def train_cmd(arch, data, method, sigma, epsilon, bits, w_bits, a_bits, policy_p
         if sigma is not None or resume or exclude or val:
             raise ArqcError("--sigma, --resume, --exclude and --val belong to --method gaussian")
         return _train_qaibp(arch=arch, data=data, epsilon=epsilon, bits=bits, w_bits=w_bits, a_bits=a_bits,
-                               policy_path=policy_path, kappa_end=kappa_end, epochs=epochs, output=output,
-                               init=init, lr=lr, batch_size=batch_size, seed=seed, device=device)
+                            policy_path=policy_path, kappa_end=kappa_end, epochs=epochs, output=output, init=init,
+                            lr=lr, batch_size=batch_size, seed=seed, device=device)
     if sigma is None:
         raise ArqcError("--method gaussian needs --sigma (the noise std the smoothed classifier will use)")
     if epsilon or bits or w_bits or a_bits or policy_path:
@@ -88,7 +88,7 @@ def train_cmd(arch, data, method, sigma, epsilon, bits, w_bits, a_bits, policy_p
 
 
 def _train_qaibp(*, arch, data, epsilon, bits, w_bits, a_bits, policy_path, kappa_end, epochs, output, init,
-                    lr, batch_size, seed, device) -> None:
+                 lr, batch_size, seed, device) -> None:
     """Train a quantized network with QA-IBP at a fixed precision and write it as QDQ ONNX."""
     if epsilon is None:
         raise ArqcError("--method qa-ibp needs --epsilon (the L-inf radius to train for, e.g. 0.1)")
@@ -105,7 +105,8 @@ def _train_qaibp(*, arch, data, epsilon, bits, w_bits, a_bits, policy_path, kapp
                                batch_size=batch_size, seed=seed, device=device,
                                log=lambda r: click.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else
                                                                  f"{k}={v}" for k, v in r.items())))
-    settings = prep.settings(source=init, scales="float", calibration_data=data,
+    # the trained network is not a quantization of the init's weights: no base fingerprint (IRS origin)
+    settings = prep.settings(source=init, base_fingerprint=None, scales="float", calibration_data=data,
                              command=shlex.join(["arqc", *sys.argv[1:]]),
                              training={"method": "qa-ibp", "epsilon": eps, "epochs": epochs, "kappa_end": kappa_end,
                                        "lr": lr, "seed": seed, "history": history})
