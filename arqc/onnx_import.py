@@ -19,6 +19,7 @@ from arqc.passes.meta import ActQuant, info, quantizable_nodes
 from arqc.passes.policy import apply_policy
 from arqc.passes.quantize import simulate
 from arqc.pipeline import prepare_model
+from arqc.settings import CompileSettings
 
 
 def simulation_from_onnx(path: str, source: str | None = None, trust_pickle: bool = False
@@ -32,11 +33,10 @@ def simulation_from_onnx(path: str, source: str | None = None, trust_pickle: boo
     if "arqc.settings" not in meta or "arqc.layers" not in meta:
         raise ArqcError(f"{path} was not lowered by arqc (no arqc metadata); give the model it came from "
                         "with --arch and --policy/--bits instead")
-    settings = meta["arqc.settings"]
-    src = source or settings.get("source")
-    prep = prepare_model(src, settings.get("arch"), trust_pickle, tuple(settings["input_shape"]))
+    settings = CompileSettings.from_json(meta["arqc.settings"])
+    prep = prepare_model(source or settings.source, settings.arch, trust_pickle, tuple(settings.input_shape))
     apply_policy(prep.gm, {k: (v["w_bits"], v["a_bits"]) for k, v in meta["arqc.policy"].items()})
-    sim = simulate(prep.gm, [torch.zeros(1, *settings["input_shape"])], scales=settings.get("scales", "float"))
+    sim = simulate(prep.gm, [torch.zeros(1, *settings.input_shape)], scales=settings.scales)
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     producers = {out: n for n in model.graph.node for out in n.output}
     by_name = {n.name: n for n in model.graph.node}

@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -230,9 +230,6 @@ class CertifyResult:
         """The JSON dict (fields that are None are left out, as arqc has always written it)."""
         return {k: v for k, v in asdict(self).items() if v is not None or k not in ("irs", "model", "data", "skip")}
 
-    @classmethod
-    def from_json(cls, data: dict) -> CertifyResult:
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 def format_table(result: CertifyResult) -> str:
