@@ -127,12 +127,28 @@ def test_torch_and_ort_backends_give_identical_certificates(torch_run, files, tm
     assert without_timing(json.loads((tmp_path / "onnx.json").read_text()))["points"] == points
 
 
-def test_skip_and_num_images_select_points_with_their_own_noise(torch_run, files, tmp_path, capsys):
-    code, _, _ = arqc(capsys, "certify", files["model"], "--data", files["data"], *SMALL, "--skip", "2",
-                      "--num-images", "1", "--json", tmp_path / "s.json")
+def test_skip_and_num_images_select_points_with_their_own_noise(files, tmp_path, capsys):
+    # one image repeated under ids 0..6: points differ only by their noise, which must follow the image id
+    # (not the position in the chosen subset), so every chosen point equals the full run's point of its id
+    x = np.repeat(files["x"][:1], 7, axis=0)
+    data = _npz(tmp_path / "same.npz", x, np.repeat(files["y"][:1], 7))
+    code, _, _ = arqc(capsys, "certify", files["model"], "--data", data, *SMALL, "--json", tmp_path / "all.json")
     assert code == 0
-    points = without_timing(json.loads((tmp_path / "s.json").read_text()))["points"]
-    assert points == without_timing(torch_run[0])["points"][0:1]
+    full = without_timing(json.loads((tmp_path / "all.json").read_text()))["points"]
+    assert [p["index"] for p in full] == list(range(7))
+
+    def noise_part(point: dict) -> tuple:
+        return point["prediction"], point["radius"], point["pA_lower"]
+
+    for skip, num, ids in (("3", "7", [0, 3, 6]), ("2", "3", [0, 2, 4])):
+        code, _, _ = arqc(capsys, "certify", files["model"], "--data", data, *SMALL, "--skip", skip,
+                          "--num-images", num, "--json", tmp_path / f"s{skip}.json")
+        assert code == 0
+        result = without_timing(json.loads((tmp_path / f"s{skip}.json").read_text()))
+        assert result["num_images"] == len(ids) and [p["index"] for p in result["points"]] == ids
+        assert result["points"] == [full[i] for i in ids]
+        # the test can tell: a point keyed by its position would carry another id's noise, with other numbers
+        assert all(noise_part(full[i]) != noise_part(full[position]) for position, i in enumerate(ids) if i)
 
 
 # --- resume -------------------------------------------------------------------------------------------------

@@ -42,6 +42,46 @@ def test_auto_augments_colour_images_only():
     assert not _same(_tuned(3, "auto"), _tuned(3, "none"))
 
 
+class _ScaledNoise:
+    """Stands in for ``torch`` inside arqc.qat: every ``randn`` is drawn as usual (so the generator, and with it
+    every later batch order, stays the same) and then multiplied by ``scale``."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def randn(self, *args, **kwargs):
+        return self.scale * torch.randn(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _noise_tuned(sigma: float, monkeypatch, scale: float | None = None) -> dict:
+    """QAT of the 1-channel net at ``sigma`` (no augmentation: the generator feeds only order and noise), with
+    the standard normal draws multiplied by ``scale`` when given."""
+    with monkeypatch.context() as patch:
+        if scale is not None:
+            patch.setattr("arqc.qat.torch", _ScaledNoise(scale))
+        torch.manual_seed(0)
+        gm = torch.fx.symbolic_trace(_Net(1))
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.rand(24, 1, 8, 8, generator=gen), torch.arange(24) % 3
+        finetune(gm, x, y, sigma=sigma, epochs=2, lr=0.1, batch_size=8, progress=False, augmentation="none",
+                 device="cpu")
+    return gm.state_dict()
+
+
+def test_qat_adds_noise_of_std_sigma(monkeypatch):
+    noisy, clean = _noise_tuned(0.25, monkeypatch), _noise_tuned(0.0, monkeypatch)
+    assert not any(torch.equal(noisy[k], clean[k]) for k in noisy)  # σ reaches the training images
+    # σ = 0 is exactly training without noise: the same as noise that is zero by construction
+    assert _same(clean, _noise_tuned(0.25, monkeypatch, scale=0.0))
+    # σ = 0.25 adds 0.25 × N(0, 1): the same as σ = 1 with the standard normal draws scaled by 0.25 (exact in
+    # floating point: 0.25 is a power of two)
+    assert _same(noisy, _noise_tuned(1.0, monkeypatch, scale=0.25))
+    assert not _same(noisy, _noise_tuned(0.5, monkeypatch))
+
+
 def test_unknown_augmentation_is_refused():
     with pytest.raises(ArqcError, match="unknown augmentation 'rotate'"):
         _tuned(1, "rotate")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from linear_models import SHAPE, LinearClassifier, W
 from scipy.optimize import brentq
-from scipy.stats import binom, binomtest, norm
+from scipy.stats import beta, binom, binomtest, norm
 
 from arqc.base import ArqcError
 from arqc.runtime.backends import TorchBackend
@@ -112,6 +112,67 @@ def test_radius_is_sigma_times_probit_of_independent_bound(backend, p_true, n):
     else:
         assert (cert.prediction, cert.radius) == (ABSTAIN, 0.0)
     assert cert.samples == 20 + n
+
+
+class PixelArgmax(torch.nn.Module):
+    """A 4-class f on 1×2×2 images: the logits are the four pixels, so f(x+ε) = argmax of the noisy pixels,
+    exactly (no arithmetic, so a replay in numpy sees the very same float32 values)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).clone()
+
+
+def test_multiclass_certify_takes_the_class_from_the_selection_samples():
+    """ĉA is the top class of the n0 selection samples; nA counts THAT class on the n estimation samples.
+
+    Points where two of four classes near-tie make the selection and estimation winners differ at many points;
+    both noise streams are replayed here (noisy_batches with the point seed and phase) through the closed-form
+    f, so a CERTIFY that took ĉA from the estimation counts (the bias Cohen et al.'s separate n0 avoids) fails.
+    """
+    sigma, n0, n, alpha, run_seed = 0.25, 25, 400, 0.001, 5
+    backend = TorchBackend(PixelArgmax(), batch_size=1000, device="cpu")
+    rng = np.random.default_rng(31)
+    images = []
+    for _ in range(40):  # two classes near-tie at ~0.35 each, the other two ~0.15 each
+        x = np.full(4, 0.4)
+        x[rng.choice(4, 2, replace=False)] = 0.5 + rng.normal(0, 0.01, 2)
+        images.append(x)
+    for _ in range(12):  # one class dominates (pA ≈ 0.87): certified with a radius
+        x = rng.uniform(0, 0.3, 4)
+        x[rng.integers(4)] = 0.9
+        images.append(x)
+    differ = certified = 0
+    top_classes = set()
+    for i, image in enumerate(images):
+        x, seed = image.reshape(SHAPE).astype(np.float32), point_seed(run_seed, i)
+        cert = certify(backend, x, sigma, n0, n, alpha, 64, seed)
+        counts = {}
+        for phase, num in ((Phase.SELECTION, n0), (Phase.ESTIMATION, n)):
+            noisy = np.concatenate(list(noisy_batches(x, sigma, num, 1000, seed, phase)))
+            counts[phase] = np.bincount(noisy.reshape(num, -1).argmax(axis=1), minlength=4)
+        selection, estimation = counts[Phase.SELECTION], counts[Phase.ESTIMATION]
+        selection_top = np.flatnonzero(selection == selection.max())
+        estimation_top = np.flatnonzero(estimation == estimation.max())
+        assert cert.top_class in selection_top  # the selection winner (any of them on a tie)
+        if len(selection_top) == len(estimation_top) == 1 and selection_top[0] != estimation_top[0]:
+            differ += 1
+        assert np.array_equal(cert.counts, estimation[: len(cert.counts)]) and not estimation[len(cert.counts):].any()
+        nA = int(estimation[cert.top_class])
+        assert cert.nA == nA
+        expected = 0.0 if nA == 0 else float(beta.ppf(alpha, nA, n - nA + 1))  # one-sided Clopper–Pearson
+        assert cert.pA_lower == pytest.approx(expected, abs=1e-12)
+        if expected > 0.5:
+            certified += 1
+            assert cert.prediction == cert.top_class
+            assert cert.radius == pytest.approx(sigma * norm.ppf(expected), rel=1e-10)
+        else:
+            assert (cert.prediction, cert.radius) == (ABSTAIN, 0.0)
+        assert cert.samples == n0 + n
+        top_classes.add(cert.top_class)
+    print(f"\nmulti-class CERTIFY: selection and estimation winners differ at {differ}/{len(images)} points; "
+          f"{certified} certified; top classes {sorted(top_classes)}")
+    assert differ >= 8  # else the test could not tell the selection winner from the estimation winner
+    assert certified >= 8 and top_classes == {0, 1, 2, 3}
 
 
 def test_certify_abstains_when_bound_is_at_most_one_half(backend):

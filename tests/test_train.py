@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 import arqc.train as train_mod
 from arqc import archs
 from arqc.cli import main
+from arqc.data import load_images
 from arqc.loading import load_model, save_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data"
@@ -45,9 +48,10 @@ def _run_main(argv: list[str], capsys) -> tuple[int, str, str]:
     return int(exc.value.code or 0), out.out, out.err
 
 
-def _args(data: str, out: Path, *extra: str, epochs: int = 1) -> list[str]:
+def _args(data: str, out: Path, *extra: str, epochs: int = 1, batch_size: int = 64) -> list[str]:
     return ["train", "--arch", "mnist_cnn", "--data", data, "--sigma", "0.25", "--epochs", str(epochs),
-            "--lr", "0.02", "--batch-size", "64", "--seed", "3", "--no-progress", "-o", str(out), *extra]
+            "--lr", "0.02", "--batch-size", str(batch_size), "--seed", "3", "--no-progress", "-o", str(out),
+            *extra]
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -55,20 +59,39 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_one_epoch_end_to_end(tmp_path, capsys):
-    data = _npz(tmp_path / "d.npz", 128, (28, 28))
+    # 512 easy images (the label is the bright quarter: chance is 1/4), 32 steps of 16: one epoch learns them
+    data = _npz(tmp_path / "d.npz", 512, (28, 28))
     out = tmp_path / "m.pt"
-    code, stdout, err = _run(_args(data, out), capsys)
+    code, stdout, err = _run(_args(data, out, batch_size=16), capsys)
     assert code == 0, err
     assert f"wrote {out}" in stdout
     loaded = load_model(str(out))
     assert loaded.arch == "mnist_cnn" and loaded.input_shape == (1, 28, 28) and loaded.num_classes == 10
+    # training moved every parameter away from the fresh weights of --seed 3 ...
+    torch.manual_seed(3)
+    fresh = archs.build("mnist_cnn").state_dict()
+    trained = loaded.model.state_dict()
+    assert all(not torch.equal(trained[k], v) for k, v in fresh.items() if k.endswith(("weight", "bias")))
+    # ... towards the labels: the clean training images are learnt (chance 0.25), the noisy ones well beyond chance
+    images = load_images(data)
+    with torch.no_grad():
+        clean_accuracy = (loaded.model.eval()(images.x).argmax(1) == images.y).float().mean().item()
+    assert clean_accuracy >= 0.9
     card = loaded.card
+    assert card["final_accuracy"] == {"train_noisy_accuracy": card["history"][0]["train_noisy_accuracy"]}
+    assert card["final_accuracy"]["train_noisy_accuracy"] >= 0.5 and card["final_train_loss"] < math.log(10)
+    assert [h["epoch"] for h in card["history"]] == [1]
+    # the card records the settings this run used
     assert card["data"] == data and card["sigma"] == 0.25 and card["epochs"] == 1 and card["init"] is None
-    assert card["train_images"] == 128 and card["command"].startswith("arqc train --arch mnist_cnn")
-    assert 0 <= card["final_accuracy"]["train_noisy_accuracy"] <= 1 and len(card["history"]) == 1
+    assert (card["lr"], card["batch_size"], card["seed"], card["schedule"]) == (0.02, 16, 3, "cosine")
+    assert card["augment"] == "none" and card["init_sha256"] is None and card["val"] is None  # auto, digits
+    assert card["optimizer"] == "SGD momentum=0.9 weight_decay=0.0001" and card["excluded"] == []
+    assert card["train_images"] == 512 and card["command"].startswith("arqc train --arch mnist_cnn")
+    assert "--batch-size 16" in card["command"]
+    assert card["train_data_sha256"] == hashlib.sha256(images.x.contiguous().numpy().tobytes()).hexdigest()
     assert not Path(f"{out}.resume").exists()  # removed once the final checkpoint is written
     # the saved weights are float32 and contiguous, whatever memory format training used
-    assert all(v.dtype == torch.float32 and v.is_contiguous() for v in loaded.model.state_dict().values())
+    assert all(v.dtype == torch.float32 and v.is_contiguous() for v in trained.values())
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
@@ -112,20 +135,34 @@ def test_exclude_drops_matching_images(tmp_path, capsys):
 
 def test_init_from_an_akamaster_style_checkpoint(tmp_path, capsys):
     """A `module.`-prefixed state_dict in {'state_dict': ..., 'best_prec1': ...}, as akamaster ships them."""
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # not the run's --seed (0): a run that ignored --init would start elsewhere
     net = archs.build("resnet20")
+    with torch.no_grad():  # and BatchNorm statistics unlike a fresh build's (zero mean, unit variance)
+        for name, buffer in net.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                buffer.uniform_(0.5, 1.5)
     init = tmp_path / "aka.th"
     prefixed = {f"module.{k}": v for k, v in net.state_dict().items()}
     torch.save({"best_prec1": 0.0, "state_dict": prefixed}, init)
+    torch.manual_seed(0)
+    seed0 = archs.build("resnet20").state_dict()  # what the run builds without --init
+    assert not torch.equal(seed0["conv1.weight"], net.state_dict()["conv1.weight"])
     data = _npz(tmp_path / "c.npz", 8, (3, 32, 32))
     out = tmp_path / "r.pt"
     argv = ["train", "--arch", "resnet20", "--data", data, "--sigma", "0.5", "--epochs", "1", "--lr", "1e-9",
             "--batch-size", "8", "--init", str(init), "--no-progress", "-o", str(out)]
+    # the run starts from the --init weights, every tensor of them (the prefix dropped), not from its seed's
+    start = train_mod.prepare_training(train_mod.TrainConfig(arch="resnet20", data=data, sigma=0.5, epochs=1,
+                                                             output=str(out), init=str(init))).model
+    start_state, want = start.state_dict(), net.state_dict()
+    assert start_state.keys() == want.keys() and all(torch.equal(start_state[k], want[k]) for k in want)
     code, _, err = _run(argv, capsys)
     assert code == 0, err
-    assert load_model(str(out)).card["init"] == str(init)
-    trained = _weights(out)
-    assert torch.allclose(trained["conv1.weight"], net.state_dict()["conv1.weight"], atol=1e-6)
+    card = load_model(str(out)).card
+    assert card["init"] == str(init) and card["init_sha256"] == hashlib.sha256(init.read_bytes()).hexdigest()
+    trained = _weights(out)  # lr 1e-9: the weights stay where they started
+    assert torch.allclose(trained["conv1.weight"], want["conv1.weight"], atol=1e-6)
+    assert not torch.allclose(trained["conv1.weight"], seed0["conv1.weight"], atol=1e-3)
 
 
 @pytest.mark.skipif(not AKAMASTER.is_file(), reason="shared akamaster weights not present")
