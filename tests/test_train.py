@@ -94,6 +94,24 @@ def test_one_epoch_end_to_end(tmp_path, capsys):
     assert all(v.dtype == torch.float32 and v.is_contiguous() for v in trained.values())
 
 
+def test_seed_draws_the_order_and_noise_too(tmp_path, capsys):
+    """From the same --init weights, --seed alone changes the batches and the noise (so the weights), and the
+    same --seed repeats them exactly."""
+    data = _npz(tmp_path / "d.npz", 64, (28, 28))
+    torch.manual_seed(7)
+    init = tmp_path / "init.pt"
+    torch.save(archs.build("mnist_cnn").state_dict(), init)
+    runs = {}
+    for name, seed in (("a", 1), ("b", 2), ("c", 1)):
+        argv = _args(data, tmp_path / f"{name}.pt", "--init", str(init), batch_size=16)
+        argv[argv.index("--seed") + 1] = str(seed)
+        code, _, err = _run(argv, capsys)
+        assert code == 0, err
+        runs[name] = _weights(tmp_path / f"{name}.pt")
+    assert all(torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
+    assert not torch.equal(runs["a"]["fc2.weight"], runs["b"]["fc2.weight"])
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
     data = _npz(tmp_path / "d.npz", 96, (28, 28))
     full, cut = tmp_path / "full.pt", tmp_path / "cut.pt"

@@ -1,0 +1,172 @@
+"""Mutation check: each deliberate bug below must turn at least one test red.
+
+For every mutation, the working tree (the files git tracks or would track) is copied into a scratch folder,
+laid out as it installs (passes/ → arqc/passes, runtime/ → arqc/runtime, so the copy imports as itself and not
+the editable install), one bug is applied there, and the tests named for it run against the copy (all of them,
+or up to the first failure with --fast). One line per mutation says which test caught it (and how many more
+did), or MISSED. Before the mutations, the same tests run on the unmutated copy and must pass, so a red test
+means the bug, not a broken test. The real tree is never touched. Exit status 1 when a mutation is missed (or
+the baseline is red).
+
+    python bench/mutations.py [--only NAME ...] [--fast] [--list]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTALLED_AS = {"passes": "arqc/passes", "runtime": "arqc/runtime"}  # setup.cfg package_dir
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or files expected to catch it
+
+
+MUTATIONS = [
+    # statistics (DESIGN §3)
+    Mutation("point-estimate zeta (IRS)", "runtime/irs.py",
+             "zeta = upper_confidence_bound(k, n_prime, alpha_zeta)", "zeta = k / n_prime",
+             ("tests/test_irs.py",)),
+    Mutation("IRS ignores zeta", "runtime/irs.py",
+             "pA_lower = point.pA_lower - zeta", "pA_lower = point.pA_lower",
+             ("tests/test_irs.py",)),
+    Mutation("point-estimate pA_lower (CERTIFY)", "runtime/smoothing.py",
+             "return 0.0 if k == 0 else float(beta.ppf(alpha, k, n - k + 1))", "return k / n",
+             ("tests/test_smoothing.py",)),
+    Mutation("cA from the estimation samples", "runtime/smoothing.py",
+             "    cA = int(counts0.argmax())\n"
+             "    predictions = sample_predictions(backend, x, sigma, n, batch_size, seed, Phase.ESTIMATION)\n",
+             "    predictions = sample_predictions(backend, x, sigma, n, batch_size, seed, Phase.ESTIMATION)\n"
+             "    cA = int(np.bincount(predictions).argmax())\n",
+             ("tests/test_smoothing.py",)),
+    Mutation("noise seeded by position, not image id", "runtime/run.py",
+             "point = _certify_point(backend, images[i], labels[i], ids[i], sigma, n0, n, alpha, batch_size,\n"
+             "                                   seed, irs_cache, gamma, alpha_zeta)",
+             "point = {**_certify_point(backend, images[i], labels[i], i, sigma, n0, n, alpha, batch_size,\n"
+             "                                   seed, irs_cache, gamma, alpha_zeta), \"index\": ids[i]}",
+             ("tests/test_certify_l2.py",)),
+    # interval bounds (DESIGN §4)
+    Mutation("dropped IBP rounding margin", "passes/ops/rounding.py",
+             "return terms * U32 / (1 - terms * U32) + (terms + 4) * u / (1 - (terms + 4) * u)", "return 0.0",
+             ("tests/test_ibp.py",)),
+    Mutation("IBP margins inflated 10^6 times", "passes/ops/rounding.py",
+             "return terms * U32 / (1 - terms * U32) + (terms + 4) * u / (1 - (terms + 4) * u)",
+             "return 1e6 * (terms * U32 / (1 - terms * U32) + (terms + 4) * u / (1 - (terms + 4) * u))",
+             ("tests/test_ibp.py",)),
+    # quantization semantics (DESIGN §2)
+    Mutation("round half up in the simulation", "passes/quantize.py",
+             "q = torch.round(x / scale) + zero_point", "q = torch.floor(x / scale + 0.5) + zero_point",
+             ("tests/test_lower.py",)),
+    # training
+    Mutation("ignored --init", "arqc/train.py",
+             "    if cfg.init:\n        model = _init_model(cfg.init, cfg.arch)",
+             "    if cfg.init and False:\n        model = _init_model(cfg.init, cfg.arch)",
+             ("tests/test_train.py",)),
+    Mutation("training takes no step", "arqc/train.py", "        optimizer.step()\n", "        pass\n",
+             ("tests/test_train.py",)),
+    Mutation("--seed left out of the training stream", "arqc/train.py",
+             "gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)",
+             "gen = torch.Generator().manual_seed(epoch)", ("tests/test_train.py",)),
+    Mutation("QAT ignores sigma (same random draws)", "arqc/qat.py",
+             "x = x + sigma * torch.randn(x.shape, generator=gen)", "x = x + 0 * torch.randn(x.shape, generator=gen)",
+             ("tests/test_qat.py",)),
+    Mutation("QA-IBP does not learn", "arqc/qaibp.py",
+             "optimizer = torch.optim.Adam(params, lr=lr)", "optimizer = torch.optim.Adam(params, lr=0.0)",
+             ("tests/test_certify_linf.py",)),
+]
+
+
+def scratch_copy(dest: Path) -> None:
+    """The tracked (and untracked, not ignored) files of the tree, laid out as installed, beside ../shared."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if not src.is_file():
+            continue  # deleted in the working tree
+        top, _, rest = rel.partition("/")
+        target = dest / (f"{INSTALLED_AS[top]}/{rest}" if top in INSTALLED_AS else rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    shared = ROOT.parent / "shared"
+    if shared.exists():
+        os.symlink(shared, dest.parent / "shared")  # the tests find ../shared beside the checkout
+
+
+def located(copy: Path, rel: str) -> Path:
+    top, _, rest = rel.partition("/")
+    return copy / (f"{INSTALLED_AS[top]}/{rest}" if top in INSTALLED_AS else rel)
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], first_only: bool = False) -> tuple[list[str], str, float]:
+    """(the tests that failed or errored, pytest's last line, seconds)."""
+    start = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", *(["-x"] if first_only else []), "-q", "-rfE",
+                           "-p", "no:cacheprovider", *tests], cwd=copy, env=env, capture_output=True, text=True)
+    red = re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, re.M)
+    last = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    if proc.returncode != 0 and not red:
+        red = [f"(pytest exit {proc.returncode}: {last})"]
+    return red, last, time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", help="Run only the mutations whose name contains one of these.")
+    parser.add_argument("--list", action="store_true", help="List the mutations and exit.")
+    parser.add_argument("--fast", action="store_true", help="Stop each mutation's tests at the first failure.")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if not args.only or any(o in m.name for o in args.only)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.path} ({', '.join(m.tests)})")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="arqc-mutations-") as tmp:
+        pristine = Path(tmp) / "pristine" / "main"
+        scratch_copy(pristine)
+        for m in chosen:  # every mutation must still apply to the code as it is now
+            count = located(pristine, m.path).read_text().count(m.old)
+            if count != 1:
+                print(f"{m.name}: its code occurs {count} times in {m.path}; update bench/mutations.py")
+                return 1
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        red, last, seconds = run_tests(pristine, tests)
+        print(f"baseline (no mutation): {'RED: ' + ', '.join(red) if red else 'green'} ({last}; {seconds:.0f} s)")
+        if red:
+            return 1
+        missed = 0
+        for i, m in enumerate(chosen):
+            copy = Path(tmp) / f"m{i}" / "main"
+            shutil.copytree(pristine, copy, symlinks=True)
+            if (pristine.parent / "shared").exists():
+                os.symlink(os.readlink(pristine.parent / "shared"), copy.parent / "shared")
+            target = located(copy, m.path)
+            target.write_text(target.read_text().replace(m.old, m.new))
+            red, _, seconds = run_tests(copy, m.tests, first_only=args.fast)
+            missed += not red
+            caught = f"caught by {red[0]}" + (f" and {len(red) - 1} more" if len(red) > 1 else "")
+            print(f"{m.name} ({m.path}): {caught if red else 'MISSED by ' + ', '.join(m.tests)} ({seconds:.0f} s)",
+                  flush=True)
+            shutil.rmtree(copy.parent)
+        print(f"{len(chosen) - missed} of {len(chosen)} mutations caught")
+        return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
