@@ -32,9 +32,11 @@ class PreparedModel:
     def settings(self, **fields) -> CompileSettings:
         """The metadata settings of a model compiled from this one (``fields``: how it was compiled, and any
         field to record otherwise, e.g. ``source``)."""
+        if "base_fingerprint" not in fields:  # hashing the weights is work: only when the caller gives none
+            fields["base_fingerprint"] = model_identity(self.gm)
         return CompileSettings(**{"source": self.loaded.source, "arch": self.loaded.arch,
                                   "input_shape": list(self.input_shape), "num_classes": self.loaded.num_classes,
-                                  "base_fingerprint": model_identity(self.gm), **fields})
+                                  **fields})
 
 
 def model_identity(gm: torch.nn.Module) -> str:
