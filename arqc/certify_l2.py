@@ -107,7 +107,7 @@ def _onnx_io(backend: OrtBackend) -> tuple[tuple, int | None]:
 
 def _onnx_settings(path: str) -> dict:
     """The compile settings arqc recorded in an ONNX file's metadata ({} for other files)."""
-    settings = read_metadata(onnx.load(path, load_external_data=False)).get("arqc.settings", {})
+    settings = read_metadata(onnx.load(path, load_external_data=False), path).get("arqc.settings", {})
     return settings if isinstance(settings, dict) else {}
 
 

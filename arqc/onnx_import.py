@@ -1,6 +1,7 @@
 """Rebuild the simulated (fake-quantized) graph of an ONNX model that arqc lowered, from the file itself.
 
-The metadata gives the policy, each layer's activation quantizer and the model's source (checkpoint and
+The metadata gives the policy, each layer's activation quantizer, each requant node's grid and the model's
+source (checkpoint and
 arch, for the graph's structure); the weights, weight scales and biases are read back from the ONNX
 initializers, so a fine-tuned model is rebuilt as it was deployed, with its scales exactly as stored.
 """
@@ -17,7 +18,7 @@ from arqc.base import ArqcError
 from arqc.passes.lower import read_metadata
 from arqc.passes.meta import ActQuant, info, quantizable_nodes
 from arqc.passes.policy import apply_policy
-from arqc.passes.quantize import simulate
+from arqc.passes.quantize import link_grids, requant_nodes, simulate
 from arqc.pipeline import prepare_model
 from arqc.settings import CompileSettings
 
@@ -29,7 +30,7 @@ def simulation_from_onnx(path: str, source: str | None = None, trust_pickle: boo
         model = onnx.load(path)
     except Exception as err:  # DecodeError, OSError, ...
         raise ArqcError(f"cannot read {path} as an ONNX model ({type(err).__name__}); check the path") from None
-    meta = read_metadata(model)
+    meta = read_metadata(model, path)
     if "arqc.settings" not in meta or "arqc.layers" not in meta:
         raise ArqcError(f"{path} was not lowered by arqc (no arqc metadata); give the model it came from "
                         "with --arch and --policy/--bits instead")
@@ -40,11 +41,17 @@ def simulation_from_onnx(path: str, source: str | None = None, trust_pickle: boo
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     producers = {out: n for n in model.graph.node for out in n.output}
     by_name = {n.name: n for n in model.graph.node}
+    grids = meta.get("arqc.requant", {})
+    for node in requant_nodes(sim):
+        if node.target not in grids:
+            raise ArqcError(f"{path} has no grid for {node.target} in its metadata; the ONNX model was changed "
+                            "after arqc wrote it")
+        sim.get_submodule(node.target).act = ActQuant(**grids[node.target])
     for node in quantizable_nodes(sim):
         layer = info(node).layer
         m = sim.get_submodule(node.target)
         if layer in meta["arqc.calibration"]:
-            m.act = info(node).act = ActQuant(**meta["arqc.calibration"][layer])
+            m.act = ActQuant(**meta["arqc.calibration"][layer])
         onnx_node = by_name[meta["arqc.layers"][layer]]
         weight, scale = _operand(onnx_node.input[1], values, producers)
         with torch.no_grad():
@@ -53,6 +60,7 @@ def simulation_from_onnx(path: str, source: str | None = None, trust_pickle: boo
                 m.fixed_weight_scale = torch.from_numpy(scale).reshape((-1,) + (1,) * (m.weight.dim() - 1))
             if len(onnx_node.input) > 2 and onnx_node.input[2]:
                 m.bias.copy_(torch.from_numpy(_operand(onnx_node.input[2], values, producers)[0]))
+    link_grids(sim)
     return sim, meta
 
 

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from arqc.base import ArqcError
 from arqc.data import ImageSet
-from arqc.passes.meta import info, quantizable_nodes
 from arqc.passes.policy import Policy, apply_policy
 from arqc.passes.quantize import QuantLayer, calibrate, simulate
 from arqc.runtime.devices import resolve_device
@@ -64,8 +63,6 @@ def qaibp_loss(sim: torch.fx.GraphModule, x: torch.Tensor, y: torch.Tensor, epsi
 def recalibrate(sim: torch.fx.GraphModule, batches: list[torch.Tensor]) -> None:
     """Recompute every activation range on clean ``batches`` and record it in the nodes' meta."""
     calibrate(sim, batches)
-    for node in quantizable_nodes(sim):
-        info(node).act = sim.get_submodule(node.target).act
 
 
 def train_qaibp(model: torch.fx.GraphModule, train: ImageSet, epsilon: float, epochs: int,

@@ -1,17 +1,25 @@
 """Lowering pass: a simulated (passes/quantize.py) graph to a QDQ ONNX model written by arqc itself.
 
 Every node is emitted by its registry entry (passes/ops/); quantizable layers get
-- input:  QuantizeLinear → [integer Clip to the b-bit range, when b < 8] → DequantizeLinear (per tensor);
+- input:  QuantizeLinear → [integer Clip to the b-bit range, when b < 8] → DequantizeLinear (per tensor); an
+  input that already lies on the layer's 8-bit grid (a_bits = 8 after a requant node) is that grid's
+  DequantizeLinear;
 - weight: integers already rounded and clamped to the b-bit range, in an 8-bit container (or a native INT4
   container for b ≤ 4 when asked) → DequantizeLinear (per output channel);
 - bias:   int32 → DequantizeLinear with scale s_x·s_w when input and weight are quantized, else float.
-For 8-bit layers this is the pattern onnxruntime fuses into integer kernels (QLinearConv) at ENABLE_ALL.
-The policy, calibration and compile settings go into ``metadata_props`` (keys in METADATA_KEYS).
+A requant node (integer-only inference, DESIGN §2) is QuantizeLinear → DequantizeLinear on its 8-bit grid.
+Every consumer that onnxruntime can run as an integer kernel (conv, linear, add, concat, pools) reads a value
+on a grid through a DequantizeLinear of its own, re-quantizing with the same parameters (exact) where an op
+that keeps the grid (max pool, flatten, slice, pad) came in between. That is the pattern onnxruntime fuses
+at ENABLE_ALL: DQ → Conv [→ Relu] → Q becomes QLinearConv, DQ → Add → Q QLinearAdd, and so on.
+The policy, calibration, grids, semantics version and compile settings go into ``metadata_props`` (keys in
+METADATA_KEYS).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -22,12 +30,26 @@ from onnx import TensorProto, helper, numpy_helper
 from arqc.base import ArqcError, __version__
 from arqc.passes import ops
 from arqc.passes.capture import get_attr
-from arqc.passes.meta import FP32, ActQuant, info, quantizable_nodes
-from arqc.passes.quantize import INT32_BOUND, QuantLayer
+from arqc.passes.meta import FP32, SEMANTICS, ActQuant, info, quantizable_nodes
+from arqc.passes.quantize import INT32_BOUND, REQUANTIZED_OPS, QuantLayer, requant_nodes
 
 OPSET = 21
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-METADATA_KEYS = ("arqc.version", "arqc.policy", "arqc.calibration", "arqc.settings", "arqc.layers")
+METADATA_KEYS = ("arqc.version", "arqc.semantics", "arqc.policy", "arqc.calibration", "arqc.requant",
+                 "arqc.settings", "arqc.layers")
+# The kinds whose operands on a grid go through their own DequantizeLinear (see the module docstring).
+INTEGER_CONSUMERS = ("conv2d", "linear", "max_pool2d", *REQUANTIZED_OPS)
+
+
+@dataclass
+class _Grid:
+    """The 8-bit grid an ONNX value lies on: its parameters' initializers, and the integers when the value is a
+    DequantizeLinear output (None when an op that keeps the grid produced it)."""
+
+    scale: str
+    zero: str
+    q: str | None
+    spare: bool = False  # the DequantizeLinear output is not yet read by an integer consumer
 
 
 class OnnxBuilder:
@@ -40,6 +62,8 @@ class OnnxBuilder:
         self.initializers: dict[str, onnx.TensorProto] = {}
         self.layer_nodes: dict[str, str] = {}
         self._names: set[str] = set()
+        self.grids: dict[str, _Grid] = {}  # ONNX value → the 8-bit grid it lies on
+        self.grid_params: dict[str, tuple[str, str]] = {}  # requant target → (scale, zero point) initializers
 
     def _unique(self, hint: str) -> str:
         name, k = hint, 1
@@ -64,18 +88,54 @@ class OnnxBuilder:
     def module(self, node: torch.fx.Node) -> torch.nn.Module:
         return self.gm.get_submodule(node.target)
 
+    def _act_params(self, act: ActQuant, name: str) -> tuple[str, str]:
+        """Initializers of a quantizer's scale and zero point. Sub-8-bit signed grids go in a uint8 container
+        (zero point + 128: the same real values), since onnxruntime's x86 integer kernels take uint8
+        activations and cannot convert a clamped int8 tensor to uint8 themselves."""
+        if act.signed and act.bits < 8:
+            zero = np.uint8(act.zero_point + 128)
+        else:
+            zero = (np.int8 if act.signed else np.uint8)(act.zero_point)
+        return self.const(np.float32(act.scale), f"{name}_scale"), self.const(zero, f"{name}_zero_point")
+
+    def requantize(self, x: str, grid: str, act: ActQuant, name: str) -> str:
+        """``x`` on the 8-bit grid ``act`` of the requant module ``grid``: QuantizeLinear → DequantizeLinear."""
+        scale, zero = self.grid_params[grid] = self._act_params(act, name)
+        q = self.op("QuantizeLinear", [x, scale, zero], f"{name}_q")
+        dq = self.op("DequantizeLinear", [q, scale, zero], f"{name}_dq")
+        self.grids[dq] = _Grid(scale, zero, q, spare=True)
+        return dq
+
+    def keep_grid(self, value: str, grid: str) -> None:
+        """Record that ``value`` lies on the grid of the requant module ``grid`` (an op that keeps it made it)."""
+        scale, zero = self.grid_params[grid]
+        self.grids[value] = _Grid(scale, zero, None)
+
+    def integer_operand(self, x: str) -> str:
+        """``x`` as the output of a DequantizeLinear of its own when it lies on a grid, else ``x`` itself."""
+        g = self.grids.get(x)
+        if g is None:
+            return x
+        if g.q is None:  # an op that keeps the grid came in between: the same parameters give the integers back
+            q = self.op("QuantizeLinear", [x, g.scale, g.zero], f"{x}_q")
+            return self.op("DequantizeLinear", [q, g.scale, g.zero], f"{x}_dq")
+        if g.spare:
+            g.spare = False
+            return x
+        return self.op("DequantizeLinear", [g.q, g.scale, g.zero], f"{x}_dq")
+
     def quantize_activation(self, x: str, act: ActQuant, name: str) -> str:
-        dtype = np.int8 if act.signed else np.uint8
-        scale = self.const(np.float32(act.scale), f"{name}_x_scale")
-        zero = self.const(dtype(act.zero_point), f"{name}_x_zero_point")
-        q = self.op("QuantizeLinear", [x, scale, zero], f"{name}_x_q")
+        """A layer's input quantizer: [Clip] → QuantizeLinear → DequantizeLinear. Below 8 bits the container
+        saturates at 8 bits only, so a float Clip to the b-bit grid's real range [(qmin - z)·s, (qmax - z)·s]
+        comes first: exact, since x/s at a clamp bound is within float32 rounding of qmin - z or qmax - z and
+        rounds to it. In front of QuantizeLinear it stays layout-agnostic (an integer Clip after it made
+        onnxruntime wrap every layer in Transposes, and for signed grids kept the conv float)."""
+        scale, zero = self._act_params(act, f"{name}_x")
         if act.bits < 8:
-            # the 8-bit container saturates at 8 bits only: clamp the integers to the b-bit range. Clamping
-            # after QuantizeLinear, in the integer domain, is exact (clamp∘saturate∘round) and leaves the
-            # producer's Conv → QuantizeLinear adjacent, so onnxruntime still fuses it into QLinearConv
-            # (a float Clip in front of QuantizeLinear blocked that fusion)
-            q = self.op("Clip", [q, self.const(dtype(act.qmin), f"{name}_x_qmin"),
-                                 self.const(dtype(act.qmax), f"{name}_x_qmax")], f"{name}_x_clip")
+            low, high = (np.float32(act.scale) * np.float32(v - act.zero_point) for v in (act.qmin, act.qmax))
+            x = self.op("Clip", [x, self.const(low, f"{name}_x_min"), self.const(high, f"{name}_x_max")],
+                        f"{name}_x_clip")
+        q = self.op("QuantizeLinear", [x, scale, zero], f"{name}_x_q")
         return self.op("DequantizeLinear", [q, scale, zero], f"{name}_x_dq")
 
     def layer_operands(self, node: torch.fx.Node, x: str) -> tuple[str, str, str | None]:
@@ -84,7 +144,7 @@ class OnnxBuilder:
         name = node.name
         self.layer_nodes[info(node).layer] = name
         quant = isinstance(m, QuantLayer)
-        if quant and m.a_bits < FP32:
+        if quant and m.a_bits < FP32 and not m.grid_input:  # a grid input is its grid's DequantizeLinear
             x = self.quantize_activation(x, m.act, name)
         if quant and m.w_bits < FP32:
             w = self._dequantized_weight(m, name)
@@ -140,12 +200,16 @@ def lower(sim: torch.fx.GraphModule, settings: dict | None = None, int4_weights:
             shape = ["batch", *b.shape(node.args[0])[1:]]
             outputs.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, shape))
         else:
-            args = torch.fx.node.map_arg(node.args, lambda n: values[n])
+            meta = info(node)
+            operand = b.integer_operand if meta.kind in INTEGER_CONSUMERS else (lambda name: name)
+            args = torch.fx.node.map_arg(node.args, lambda n, operand=operand: operand(values[n]))
             try:
-                values[node] = ops.RULES[info(node).kind].lower(b, node, args)
+                values[node] = ops.RULES[meta.kind].lower(b, node, args)
             except NotImplementedError as err:
                 raise ArqcError(f"cannot lower node '{node.name}' to ONNX: {err}; rewrite that part of the "
                                 "model or extend its entry in passes/ops/") from None
+            if meta.grid is not None and meta.kind != "requant":
+                b.keep_grid(values[node], meta.grid)
     graph = helper.make_graph(b.nodes, name, inputs, outputs, list(b.initializers.values()))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="arqc")
     model.ir_version = 10
@@ -161,13 +225,17 @@ def _set_metadata(model: onnx.ModelProto, sim: torch.fx.GraphModule, layer_nodes
         policy[meta.layer] = {"w_bits": meta.w_bits, "a_bits": meta.a_bits}
         if meta.act is not None:
             calibration[meta.layer] = vars(meta.act)
-    props = {"arqc.version": __version__, "arqc.policy": policy, "arqc.calibration": calibration,
-             "arqc.settings": settings, "arqc.layers": layer_nodes}
+    requant = {node.target: vars(info(node).act) for node in requant_nodes(sim)}
+    props = {"arqc.version": __version__, "arqc.semantics": SEMANTICS, "arqc.policy": policy,
+             "arqc.calibration": calibration, "arqc.requant": requant, "arqc.settings": settings,
+             "arqc.layers": layer_nodes}
     onnx.helper.set_model_props(model, {k: v if isinstance(v, str) else json.dumps(v) for k, v in props.items()})
 
 
-def read_metadata(model: onnx.ModelProto) -> dict:
-    """The arqc metadata of an ONNX model, JSON values decoded ({} when it was not written by arqc)."""
+def read_metadata(model: onnx.ModelProto, what: str = "the ONNX model") -> dict:
+    """The arqc metadata of an ONNX model, JSON values decoded ({} when it was not written by arqc). A model
+    arqc wrote under other quantization semantics is refused (ArqcError naming ``what``): its metadata
+    describes another function."""
     out = {}
     for prop in model.metadata_props:
         if prop.key.startswith("arqc."):
@@ -175,4 +243,13 @@ def read_metadata(model: onnx.ModelProto) -> dict:
                 out[prop.key] = json.loads(prop.value)
             except json.JSONDecodeError:
                 out[prop.key] = prop.value
+    if out and out.get("arqc.semantics", 1) != SEMANTICS:
+        raise ArqcError(semantics_error(what, out.get("arqc.semantics", 1)))
     return out
+
+
+def semantics_error(what: str, found) -> str:
+    """The one line that refuses a file written under other quantization semantics."""
+    return (f"{what} was written by arqc under quantization semantics {found} (this arqc computes semantics "
+            f"{SEMANTICS}: integer-only, DESIGN §2), so it describes another function; compile or run it again "
+            "with this arqc")

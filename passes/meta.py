@@ -15,11 +15,16 @@ import torch.fx
 
 KEY = "arqc"
 FP32 = 32
+# The version of the quantization semantics (DESIGN §2) that simulations compute and that ONNX files, state files
+# and caches record: 1 = activations float between quantized layers (arqc before 0.3); 2 = integer-only
+# inference, every tensor between quantized ops on an 8-bit grid. Files of another version are refused.
+SEMANTICS = 2
+REQUANT_BITS = 8  # the grid of the tensors between quantized ops
 
 
 @dataclass
 class ActQuant:
-    """Quantization parameters of one activation tensor (a quantizable layer's input).
+    """Quantization parameters of one activation tensor (a quantizable layer's input, or a requantized tensor).
 
     Integer value: clamp(round(x / scale) + zero_point, qmin, qmax); real value: (q - zero_point) * scale.
     ``signed`` is False when the producer is non-negative (ReLU, ReLU6, ...): then qmin = 0, zero_point = 0.
@@ -39,7 +44,7 @@ class ActQuant:
 @dataclass
 class NodeInfo:
     """Per-node facts. Written by: capture (``kind``, ``layer``), analysis (shapes, counts, ``nonneg``),
-    the policy pass (``w_bits``, ``a_bits``), calibration (``act``)."""
+    the policy pass (``w_bits``, ``a_bits``), simulation (``grid``, requant nodes), calibration (``act``)."""
 
     kind: str  # the op's registry key (passes/ops/), e.g. "conv2d", "relu", "add"
     layer: str | None = None  # the quantizable layer's name (its module path), else None
@@ -50,7 +55,10 @@ class NodeInfo:
     nonneg: bool = False  # every value of the output is >= 0 (decides unsigned activation ranges)
     w_bits: int = FP32
     a_bits: int = FP32
-    act: ActQuant | None = None  # the quantizer of this layer's input (None = float input)
+    act: ActQuant | None = None  # a layer's input quantizer, or a requant node's grid (None = float input)
+    # the requant node (its module's target) whose 8-bit grid this node's output lies on: set on requant nodes
+    # and on the ops that keep their input's grid (relu, max pool, flatten, slice, zero pad); None = float
+    grid: str | None = None
 
     @property
     def quantizable(self) -> bool:

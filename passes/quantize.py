@@ -14,6 +14,15 @@ For a quantizable layer with precision (w_bits, a_bits):
   s_c = max|w_c| / (2^(b-1) - 1);
 - bias, when both are quantized: int32 with scale s·s_c (what integer kernels add), else float;
 - rounding is half to even (torch.round), like ONNX QuantizeLinear.
+Integer-only inference (DESIGN §2, semantics version 2, :data:`~arqc.passes.meta.SEMANTICS`): every tensor that
+runs from one quantized op to the next lives on an 8-bit grid. :func:`integerize` inserts a requant node (a
+:class:`Requant` module: per tensor, affine, calibrated like an input quantizer, unsigned when non-negative) after
+- each integer layer (w_bits and a_bits < 32), after the ReLU/ReLU6/clamp that directly follows it;
+- each add, concat and average pool whose tensor inputs all lie on grids (again after a fused activation);
+except where that tensor is the network's output (the logits stay float). Relu, max pool, flatten, slice and
+zero pad keep their input's grid (``meta["arqc"].grid``). A layer whose input lies on a grid uses that grid
+as its input quantizer at a_bits = 8 (``grid_input``: nothing to round, the values are on it already) and
+requantizes from it at a_bits < 8.
 The rounding steps are differentiable through a clipped straight-through estimator, so the simulated model
 can be fine-tuned.
 """
@@ -21,13 +30,15 @@ can be fine-tuned.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 from collections.abc import Iterable
 
 import torch
 import torch.fx
 from torch import nn
 
-from arqc.passes.meta import FP32, ActQuant, info, quantizable_nodes
+from arqc.passes.meta import FP32, KEY, REQUANT_BITS, SEMANTICS, ActQuant, NodeInfo, info, quantizable_nodes
 
 INT32_BOUND = 2**31 - 2**7  # the largest float32 below 2^31: the int32 bias range, exact in float32 too
 
@@ -85,7 +96,25 @@ def act_quant(lo: float, hi: float, bits: int, signed: bool, scales: str = "floa
     return ActQuant(bits, signed, scale, zero_point, qmin, qmax, float(lo), float(hi), method)
 
 
-class QuantLayer:
+class _Observer:
+    """Calibration of one activation quantizer: the min/max of what passes while ``calibrating``."""
+
+    observed: tuple[float, float] | None
+    calibrating: bool
+    scales: str
+    method: str
+
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = float(x.detach().min()), float(x.detach().max())
+        self.observed = (lo, hi) if self.observed is None else (min(lo, self.observed[0]), max(hi, self.observed[1]))
+
+    def calibrated(self, bits: int, signed: bool) -> ActQuant:
+        if self.observed is None:
+            raise RuntimeError("calibration saw no data")
+        return act_quant(*self.observed, bits, signed, self.scales, self.method)
+
+
+class QuantLayer(_Observer):
     """Mixed into nn.Conv2d / nn.Linear: the quantizers of one layer (bits, calibration, STE forward)."""
 
     w_bits: int
@@ -99,14 +128,19 @@ class QuantLayer:
         self.calibrating = False
         self.method = "minmax"
         self.fixed_weight_scale: torch.Tensor | None = None  # set when rebuilt from a lowered model
+        # the requant module whose 8-bit grid the input lies on, when a_bits = 8 uses that grid (integerize)
+        self.grid_source: str | None = None
+
+    @property
+    def grid_input(self) -> bool:
+        """The input already lies on the 8-bit grid this layer reads at a_bits = 8: nothing to quantize."""
+        return self.grid_source is not None
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.a_bits >= FP32:
+        if self.a_bits >= FP32 or self.grid_input:
             return x
         if self.calibrating:
-            lo, hi = float(x.detach().min()), float(x.detach().max())
-            self.observed = (lo, hi) if self.observed is None else (min(lo, self.observed[0]),
-                                                                    max(hi, self.observed[1]))
+            self.observe(x)
             return x
         if self.act is None:
             raise RuntimeError(f"{type(self).__name__} with a_bits={self.a_bits} used before calibration")
@@ -138,10 +172,8 @@ class QuantLayer:
 
     def finish_calibration(self) -> None:
         self.calibrating = False
-        if self.a_bits < FP32:
-            if self.observed is None:
-                raise RuntimeError("calibration saw no data")
-            self.act = act_quant(*self.observed, self.a_bits, self.signed, self.scales, self.method)
+        if self.a_bits < FP32 and not self.grid_input:  # a grid input's quantizer is its grid (link_grids)
+            self.act = self.calibrated(self.a_bits, self.signed)
 
 
 class QuantConv2d(QuantLayer, nn.Conv2d):
@@ -152,6 +184,124 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
 class QuantLinear(QuantLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(self.quantize_input(x), self.effective_weight(), self.effective_bias())
+
+
+class Requant(_Observer, nn.Module):
+    """Requantization of a tensor between quantized ops to its 8-bit grid (DESIGN §2, integer-only inference):
+    per tensor, affine, calibrated on what it sees, unsigned when its input is non-negative."""
+
+    def __init__(self, signed: bool, scales: str = "float", method: str = "minmax"):
+        super().__init__()
+        self.bits, self.signed, self.scales, self.method = REQUANT_BITS, signed, scales, method
+        self.act: ActQuant | None = None
+        self.observed: tuple[float, float] | None = None
+        self.calibrating = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            self.observe(x)
+            return x
+        if self.act is None:
+            raise RuntimeError("Requant used before calibration")
+        a = self.act
+        return fake_quant(x, a.scale, a.zero_point, a.qmin, a.qmax)
+
+    def finish_calibration(self) -> None:
+        self.calibrating = False
+        self.act = self.calibrated(self.bits, self.signed)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}"
+
+
+# Where integerize puts the tensors between quantized ops on 8-bit grids (DESIGN §2), by registry kind.
+FUSED_ACTIVATIONS = ("relu", "clamp")  # requantize after these when they directly follow the producer
+REQUANTIZED_OPS = ("add", "cat", "avg_pool2d", "adaptive_avg_pool2d")  # requantized when their inputs are on grids
+GRID_KEEPING_OPS = ("relu", "max_pool2d", "flatten", "slice", "pad")  # exact on a grid (pad: with zeros)
+
+
+def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return [a for a in node.all_input_nodes if a.op != "get_attr"]
+
+
+def _integer_producer(sim: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether ``node``'s output is requantized: an integer layer, or an add/concat/average pool of grids."""
+    meta = info(node)
+    if meta.quantizable:
+        return meta.w_bits < FP32 and meta.a_bits < FP32
+    inputs = _tensor_inputs(node)
+    return meta.kind in REQUANTIZED_OPS and bool(inputs) and all(_grid(a) is not None for a in inputs)
+
+
+def _grid(node: torch.fx.Node) -> str | None:
+    return node.meta[KEY].grid if KEY in node.meta else None
+
+
+def integerize(sim: torch.fx.GraphModule, scales: str = "float", method: str = "minmax") -> torch.fx.GraphModule:
+    """Insert the requant nodes of integer-only inference into a graph whose layers are QuantLayers (see the
+    module docstring), mark the nodes that keep a grid (``meta["arqc"].grid``) and the layers that read one
+    (``grid_input``). In place; returns ``sim``."""
+    graph = sim.graph
+    logits = next(n for n in graph.nodes if n.op == "output").args[0]
+    for node in list(graph.nodes):
+        if node.op not in ("call_module", "call_function") or KEY not in node.meta:
+            continue
+        meta, inputs = info(node), _tensor_inputs(node)
+        source = _grid(inputs[0]) if inputs else None
+        if meta.quantizable and source is not None and meta.a_bits == REQUANT_BITS:
+            sim.get_submodule(node.target).grid_source = source
+        if meta.kind in GRID_KEEPING_OPS and source is not None and (meta.kind != "pad" or node.args[2] == 0):
+            meta.grid = source
+        if not _integer_producer(sim, node):
+            continue
+        point, users = node, list(node.users)
+        if len(users) == 1 and KEY in users[0].meta and info(users[0]).kind in FUSED_ACTIVATIONS \
+                and users[0].args[0] is node:
+            point = users[0]
+        if point is logits:
+            continue
+        target = f"requant.{point.name}"
+        sim.add_submodule(target, Requant(signed=not info(point).nonneg, scales=scales, method=method))
+        with graph.inserting_after(point):
+            requant = graph.call_module(target, (point,))
+        point.replace_all_uses_with(requant, delete_user_cb=lambda user, new=requant: user is not new)
+        shape = info(point).out_shape
+        requant.meta[KEY] = NodeInfo(kind="requant", in_shapes=[shape] if shape else [], out_shape=shape,
+                                     nonneg=info(point).nonneg, grid=target)
+        if "tensor_meta" in point.meta:
+            requant.meta["tensor_meta"] = point.meta["tensor_meta"]
+    sim.recompile()
+    return sim
+
+
+def requant_nodes(sim: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The requant nodes in graph order."""
+    return [n for n in sim.graph.nodes if KEY in n.meta and info(n).kind == "requant"]
+
+
+def link_grids(sim: torch.fx.GraphModule) -> None:
+    """After calibration (or after setting quantizers by hand): each grid-input layer's quantizer becomes its
+    grid's, and every layer's and requant node's quantizer is recorded in its meta."""
+    for node in quantizable_nodes(sim):
+        layer = sim.get_submodule(node.target)
+        if isinstance(layer, QuantLayer):
+            if layer.grid_input:
+                layer.act = sim.get_submodule(layer.grid_source).act
+            info(node).act = layer.act
+    for node in requant_nodes(sim):
+        info(node).act = sim.get_submodule(node.target).act
+
+
+def quant_state(gm: torch.nn.Module) -> str:
+    """Every quantizer of a simulation (bits, grid inputs, activation parameters) and the semantics version, as
+    text, in module order; "" for a module without quantizers. Backends hash it with the weights."""
+    state = {}
+    for name, m in gm.named_modules():
+        if isinstance(m, QuantLayer):
+            state[name] = [m.w_bits, m.a_bits, m.grid_source, None if m.act is None else vars(m.act)]
+        elif isinstance(m, Requant):
+            state[name] = None if m.act is None else vars(m.act)
+    return json.dumps({"semantics": SEMANTICS, "quantizers": state}) if state else ""
 
 
 def _quant_copy(module: nn.Module, w_bits: int, a_bits: int, signed: bool, scales: str) -> nn.Module:
@@ -166,12 +316,15 @@ def simulate(gm: torch.fx.GraphModule, calibration: Iterable[torch.Tensor], scal
     """A copy of ``gm`` whose layers are fake-quantized at the bits in their meta (the policy pass sets them),
     with activation ranges calibrated (min/max) on ``calibration`` batches of training images; ``method``
     names how they were made (recorded in each :class:`ActQuant`, e.g. "minmax, noise sigma=0.25").
-    ``ranges`` (layer name → observed (min, max), see :func:`observed_ranges`) replaces the calibration run.
-    Records each layer's :class:`ActQuant` in ``meta["arqc"].act``."""
+    ``ranges`` (quantizer name → observed (min, max), see :func:`observed_ranges`) replaces the calibration run.
+    The graph is integer-only (:func:`integerize`). Records each layer's and requant node's :class:`ActQuant`
+    in ``meta["arqc"].act``."""
     if scales not in SCALES:
         raise ValueError(f"scales must be one of {SCALES}")
     sim = copy.deepcopy(gm)
-    layers = {}
+    for node in sim.graph.nodes:  # fx copies node.meta shallowly: the simulation gets its own NodeInfos
+        if KEY in node.meta:
+            node.meta[KEY] = dataclasses.replace(node.meta[KEY])
     for node in quantizable_nodes(sim):
         meta = info(node)
         producer_nonneg = info(node.args[0]).nonneg
@@ -180,29 +333,37 @@ def simulate(gm: torch.fx.GraphModule, calibration: Iterable[torch.Tensor], scal
         layer.method = method
         owner, _, name = node.target.rpartition(".")
         setattr(sim.get_submodule(owner), name, layer)
-        layers[node] = layer
+    integerize(sim, scales, method)
     if ranges is None:
         calibrate(sim, calibration)
     else:
-        for node, layer in layers.items():
-            layer.observed = ranges.get(info(node).layer)
-            layer.finish_calibration()
-    for node, layer in layers.items():
-        info(node).act = layer.act
+        for name, m in _quantizers(sim).items():
+            m.observed = ranges.get(name)
+            m.finish_calibration()
+        link_grids(sim)
     return sim
 
 
+def _quantizers(sim: torch.fx.GraphModule) -> dict[str, _Observer]:
+    """The calibrated quantizers by name: each layer's input quantizer by layer name, each requant module by
+    its target."""
+    found: dict[str, _Observer] = {info(n).layer: sim.get_submodule(n.target) for n in quantizable_nodes(sim)
+                                   if isinstance(sim.get_submodule(n.target), QuantLayer)}
+    return found | {n.target: sim.get_submodule(n.target) for n in requant_nodes(sim)}
+
+
 def observed_ranges(sim: torch.fx.GraphModule) -> dict[str, tuple[float, float]]:
-    """Each calibrated layer's observed input (min, max), by layer name. Of a simulation whose weights are all
-    unquantized, these are the float model's activation ranges: what calibration finds for any policy in which
-    only one layer is quantized (the sensitivity proxy's policies)."""
-    return {info(node).layer: sim.get_submodule(node.target).observed for node in quantizable_nodes(sim)
-            if sim.get_submodule(node.target).observed is not None}
+    """Each calibrated quantizer's observed (min, max): layers' inputs by layer name, requant modules by target.
+    Of a simulation whose weights are all unquantized, these are the float model's activation ranges: what
+    calibration finds for any policy in which only one layer is quantized (the sensitivity proxy's policies)."""
+    return {name: m.observed for name, m in _quantizers(sim).items() if m.observed is not None}
 
 
 def calibrate(sim: torch.fx.GraphModule, calibration: Iterable[torch.Tensor]) -> None:
-    layers = [m for m in sim.modules() if isinstance(m, QuantLayer)]
-    for m in layers:
+    """Calibrate every quantizer on ``calibration`` batches (one pass with all activations float) and record
+    the results in the nodes' meta."""
+    quantizers = [m for m in sim.modules() if isinstance(m, QuantLayer | Requant)]
+    for m in quantizers:
         m.calibrating, m.observed = True, None
     seen = 0
     with torch.no_grad():
@@ -211,5 +372,6 @@ def calibrate(sim: torch.fx.GraphModule, calibration: Iterable[torch.Tensor]) ->
             seen += len(batch)
     if seen == 0:
         raise ValueError("calibration needs at least one image")
-    for m in layers:
+    for m in quantizers:
         m.finish_calibration()
+    link_grids(sim)

@@ -160,13 +160,16 @@ def test_training_bounds_are_the_forward_at_zero_width_and_differentiable():
 
 
 # Small quantized networks for the tightness tests: float and power-of-two scales, average and max pooling,
-# mixed precisions. Power-of-two scales at the lowest bits are left out on purpose: there the simulation's
-# arithmetic is exact, quantizer arguments land exactly on rounding ties (k + 1/2), and a sound bound must
-# allow both roundings, so most zero-width boxes are legitimately wider than the forward's float error.
+# mixed precisions. Power-of-two scales below 8 bits and with residual adds are left out on purpose: there the
+# simulation's arithmetic is exact, and with a requantization after every layer and add (integer-only
+# inference) the quantizer arguments land exactly on rounding ties (k + 1/2) whenever the operands' grid is
+# finer than the output's (a po2 add's output scale is often twice its inputs': half its sums are ties); a sound
+# bound must allow both roundings, so most zero-width boxes are legitimately wider than the forward's float
+# error (measured: 0% tight with a residual add, 38% with 6-bit po2 weights).
 TIGHT_NETS = {
     "float-avg-w6/8/32": (NetSpec((1, 4, 4), seed=0, pool="avg"), 0, "float", (6, 8, 32)),
-    "po2-max-w4/8": (NetSpec((2, 5, 5), width=4, seed=1, pool="max"), 1, "po2", (4, 8)),
-    "po2-avg-noresidual": (NetSpec((1, 5, 5), seed=2, pool="avg", residual=False), 2, "po2", (6, 8, 32)),
+    "po2-max-w8": (NetSpec((2, 5, 5), width=4, seed=1, pool="max", residual=False), 1, "po2", (8,)),
+    "po2-avg-noresidual": (NetSpec((1, 5, 5), seed=2, pool="avg", residual=False), 2, "po2", (8, 32)),
     "float-nopool-w2/3/4/8": (NetSpec((3, 4, 4), seed=3, pool=None), 3, "float", (2, 3, 4, 8)),
     "float-avg-mixed": (NetSpec((1, 6, 6), width=4, hidden=16, classes=4, seed=4, pool="avg"), 4, "float",
                         (2, 3, 4, 6, 8, 32)),
@@ -265,7 +268,7 @@ GPU = "cuda"
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("name", ["float-avg-mixed", "po2-max-w4/8"])
+@pytest.mark.parametrize("name", ["float-avg-mixed", "po2-max-w8"])
 def test_gpu_forward_stays_inside_the_gpu_bounds(name, dtype):
     """The GPU's own forward (cuDNN convolutions, cuBLAS matmuls, in IEEE float32 as the judge runs it) on
     samples, corners and attack points of the box lies inside the sound bounds computed on the GPU; in float64

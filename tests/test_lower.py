@@ -26,7 +26,7 @@ from arqc.passes.capture import capture
 from arqc.passes.lower import METADATA_KEYS, lower, read_metadata
 from arqc.passes.meta import info, quantizable_nodes
 from arqc.passes.policy import apply_policy, current_policy, uniform
-from arqc.passes.quantize import QuantLayer, simulate
+from arqc.passes.quantize import QuantLayer, requant_nodes, simulate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,8 +167,14 @@ def test_float_scales_agree(case, policy):
         elif level == "disable":
             # random weights put logits close together and amplify a flipped activation (torch against
             # itself with another convolution algorithm agrees no better), so top-1 agreement says little;
-            # most images must still come out identical up to float rounding
-            assert median <= 1e-5 and exact >= 0.5
+            # most images must still come out identical up to float rounding; the mixed policy's 2- and 3-bit
+            # grids turn one flipped 8-bit value into a jump, and integer-only inference has a rounding point
+            # after every layer, so there nearly every image carries some flip (measured: 91% agreement,
+            # median 2.9e-4, 0% exact) while a wrong scale or zero point moves the median to ~1e-1
+            if policy == "mixed":
+                assert median <= 1e-3 and agree >= 0.8
+            else:
+                assert median <= 1e-5 and exact >= 0.5
         else:
             # fused integer kernels requantize with one combined multiplier: more boundary flips, which
             # random MobileNetV2 amplifies (measured 89.5% agreement, median 2.5e-3 at W8A8)
@@ -223,46 +229,78 @@ def test_weights_are_integers_in_the_b_bit_range(resnet20_case):
         assert bias.dtype == np.int32
 
 
-def test_sub_8_bit_activations_are_clipped_to_their_grid(resnet20_case):
+def _integers_of(model: onnx.ModelProto, names: list[str], x: torch.Tensor) -> dict[str, np.ndarray]:
+    """The values of the named tensors of ``model`` (run at DISABLE_ALL) on ``x``."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    return dict(zip(names, session(probe, "disable").run(None, {"input": x.numpy()}), strict=True))
+
+
+def test_layer_inputs_carry_the_integers_of_their_grid(resnet20_case):
+    """Every quantized layer reads a DequantizeLinear whose integers, run in onnxruntime, take at most 2^a_bits
+    values inside the b-bit range (in a uint8 container shifted by 128 for signed grids below 8 bits), with the
+    simulation's scale and zero point; at a_bits = 8 after a requant node that is the requant node's own grid."""
     sim, model, _, _ = compiled(resnet20_case, "mixed", "float")
     producers, inits = _producers(model), _initializers(model)
-    seen = set()
+    checks = {}
     for node in quantizable_nodes(sim):
-        act = info(node).act
+        act, m = info(node).act, sim.get_submodule(node.target)
         dq = producers[_layer_inputs(model, node.name).input[0]]
         assert dq.op_type == "DequantizeLinear"
-        between = producers[dq.input[0]]  # QuantizeLinear, or the integer Clip behind it below 8 bits
-        q = producers[between.input[0]] if between.op_type == "Clip" else between
-        assert q.op_type == "QuantizeLinear"
-        scale, zero = float(inits[q.input[1]]), inits[q.input[2]]
+        scale, zero = float(inits[dq.input[1]]), inits[dq.input[2]]
         assert scale == np.float32(act.scale)
-        assert zero.dtype == (np.int8 if act.signed else np.uint8) and int(zero) == act.zero_point
-        assert act.signed == (not info(node.args[0]).nonneg)
-        if act.bits == 8:  # QuantizeLinear saturates at 8 bits by itself
-            assert between is q
-            continue
-        assert between.op_type == "Clip", node.name
-        lo, hi = inits[between.input[1]], inits[between.input[2]]
-        assert lo.dtype == hi.dtype == zero.dtype  # in the integer domain, on the b-bit grid
-        assert (int(lo), int(hi)) == (act.qmin, act.qmax)
-        assert act.qmax - act.qmin == 2**act.bits - 1
-        seen.add(act.bits)
-    assert seen >= {2, 3, 4}
+        shift = 128 if act.signed and act.bits < 8 else 0
+        assert zero.dtype == (np.int8 if act.signed and not shift else np.uint8)
+        assert int(zero) == act.zero_point + shift
+        if m.grid_input:  # the producer's requant grid, read as it is
+            assert act is sim.get_submodule(m.grid_source).act and act.bits == 8
+        checks[dq.input[0]] = (act.qmin + shift, act.qmax + shift, act.bits)
+    assert {bits for _, _, bits in checks.values()} >= {2, 3, 4, 8}
+    values = _integers_of(model, list(checks), resnet20_case.x[:100])
+    for name, (qmin, qmax, bits) in checks.items():
+        q = values[name].astype(np.int64)
+        assert qmin <= q.min() and q.max() <= qmax, name
+        assert len(np.unique(q)) <= 2**bits
+
+
+def test_every_tensor_between_quantized_ops_is_on_an_8_bit_grid(resnet20_case):
+    """DESIGN §2's integer-only inference in the simulation's graph: every quantized layer's output (after its
+    fused ReLU) and every add of two grids is followed by a requant node, and only the logits stay float."""
+    sim, _, _, _ = compiled(resnet20_case, "W8A8", "float")
+    requants = requant_nodes(sim)
+    layers = quantizable_nodes(sim)
+    adds = [n for n in sim.graph.nodes if n.op == "call_function" and info(n).kind == "add"]
+    assert len(adds) == 9 and len(layers) == 20
+    grid_of = {n: info(n).grid for n in sim.graph.nodes if "arqc" in n.meta}
+    for node in layers[:-1] + adds:
+        after = next(iter(node.users))
+        if info(after).kind == "relu":
+            after = next(iter(after.users))
+        assert info(after).kind == "requant" and len(node.users) == 1, node.name
+        assert sim.get_submodule(after.target).act.bits == 8
+    assert len(requants) == 19 + 9 + 1  # each conv's output, each add's (after its ReLU), the average pool's
+    for node in layers[1:]:  # every layer but the first reads its input's grid at a_bits = 8
+        assert sim.get_submodule(node.target).grid_input and grid_of[node.args[0]] is not None
+    assert not sim.get_submodule(layers[0].target).grid_input  # the image is float
+    logits = next(n for n in sim.graph.nodes if n.op == "output").args[0]
+    assert logits is layers[-1]
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_enable_all_runs_integer_kernels(resnet20_case, policy, tmp_path):
+    """The kernel census of the deployed model: at every policy each conv runs as QLinearConv, the classifier
+    as QGemm, each residual add as QLinearAdd and the average pool as QLinearGlobalAveragePool; no float Conv,
+    Gemm, MatMul or Add is left."""
     _, model, _, _ = compiled(resnet20_case, policy, "float")
     path = tmp_path / "optimized.onnx"
     session(model, "all", path)
     ops = [n.op_type for n in onnx.load(path).graph.node]
-    integer = [op for op in ops if op in INTEGER_OPS]
-    print(f"{policy} ORT_ENABLE_ALL: {len(integer)} integer kernels ({sorted(set(integer))}); "
-          f"{ops.count('FusedConv') + ops.count('Conv')} float convolutions")
-    # conv layers whose output feeds the next quantizer directly (conv → relu → Q) fuse to QLinearConv at
-    # every bit width (below 8 bits the clamp to the b-bit grid sits after Q, in the integer domain);
-    # ResNet-20 has 9 of them, and the classifier becomes QGemm
-    assert ops.count("QLinearConv") >= 9 and len(integer) >= 10
+    print(f"{policy} ORT_ENABLE_ALL: {sorted(set(ops))}")
+    assert ops.count("QLinearConv") == 19 and ops.count("QGemm") == 1
+    assert ops.count("QLinearAdd") == 9 and ops.count("QLinearGlobalAveragePool") == 1
+    assert not {"Conv", "FusedConv", "Gemm", "MatMul", "Add", "GlobalAveragePool"} & set(ops)
 
 
 def test_int4_weight_containers(resnet20_case):
@@ -281,9 +319,12 @@ def test_int4_weight_containers(resnet20_case):
         x = resnet20_case.x[:200]
         for level in LEVELS:
             out4 = ort_logits(model4, x, level)
-            assert np.array_equal(out4, outs8[level][:200]), level
-            if scales == "po2":
-                assert np.array_equal(out4, ref[:200])
+            if scales == "po2":  # exact arithmetic: any kernel computes the same function
+                assert np.array_equal(out4, ref[:200]), level
+            elif level == "disable":  # the same float graph, only the container differs
+                assert np.array_equal(out4, outs8[level][:200])
+            else:  # onnxruntime runs INT4 weights as float convs, the int8 containers as QLinearConv
+                assert compare(out4, outs8[level][:200])[0] >= 0.99
 
 
 class AllOps(nn.Module):

@@ -21,7 +21,8 @@ The package (passes/ops/) has one module per part:
   ``BATCHNORM_SOURCES`` (batch norm is no entry: capture folds it into the layer before it);
 - ``elementwise``: relu, clamp, add, sub, mul, div;
 - ``pooling``: max pool, avg pool, adaptive avg pool;
-- ``shape``: flatten, pad, slice, cat, and ``IDENTITY_SOURCES`` (the sources capture removes).
+- ``shape``: flatten, pad, slice, cat, and ``IDENTITY_SOURCES`` (the sources capture removes);
+- ``quant``: the requant node that integer-only simulations insert between quantized ops (DESIGN §2).
 
 Supporting a new op is one new entry: a function and a registered :class:`OpRule` subclass in the module of
 its kind (or a new module imported below). Every name is re-exported here, so code uses ``ops.<name>``. The
@@ -98,5 +99,6 @@ from arqc.passes.ops.shape import (
     pad as pad,
     slice_ as slice_,
 )
-from arqc.passes.ops import base, elementwise, layers, pooling, rounding, shape  # noqa: E402, F401
+from arqc.passes.ops.quant import RequantRule as RequantRule
+from arqc.passes.ops import base, elementwise, layers, pooling, quant, rounding, shape  # noqa: E402, F401
 # isort: on

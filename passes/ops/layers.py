@@ -54,10 +54,11 @@ class LinearRule(OpRule):
 
 def layer_operands(module: nn.Module, lo, hi, sound: bool) -> tuple:
     """Bounds of a conv/linear layer's (quantized) input and its effective weight and bias. A QuantLayer's
-    input quantizer is monotone, so [lo, hi] maps to [q(lo), q(hi)] (DESIGN §4); float layers pass through.
+    input quantizer is monotone, so [lo, hi] maps to [q(lo), q(hi)] (DESIGN §4); float layers and grid inputs
+    (already on the layer's 8-bit grid: the forward leaves them as they are) pass through.
     Sound mode: in the bounds' dtype, detached; training mode: the straight-through quantizers."""
     quant = hasattr(module, "quantize_input")
-    if not sound:
+    if not sound:  # quantize_input leaves a grid input as it is
         if quant:
             return module.quantize_input(lo), module.quantize_input(hi), module.effective_weight(), \
                 module.effective_bias()
@@ -66,7 +67,7 @@ def layer_operands(module: nn.Module, lo, hi, sound: bool) -> tuple:
         weight = (module.effective_weight() if quant else module.weight).to(lo.dtype)
         bias = module.effective_bias() if quant else module.bias
         bias = None if bias is None else bias.to(lo.dtype)
-        if quant and module.act is not None and module.a_bits < 32:
+        if quant and module.act is not None and module.a_bits < 32 and not module.grid_input:
             lo, hi = _quantizer_interval(module.act, lo, hi)
     return lo, hi, weight, bias
 
