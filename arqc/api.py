@@ -53,8 +53,9 @@ def compile(model: Model, images: Images | None = None, *, arch: str | None = No
             w_bits: int | None = None, a_bits: int | None = None, policy: str | Policy | None = None,
             budget: float | None = None, search: SearchSettings | None = None,
             certify: CertifySettings | None = None, test_images: Images | None = None,
-            calib_images: int = 512, calib_sigma: float | None = None, scales: str = "float",
-            int4_weights: bool = False, finetune_images: Images | None = None, workdir: str | Path | None = None,
+            epsilon: float | None = None, calib_images: int = 512, calib_sigma: float | None = None,
+            scales: str = "float", int4_weights: bool = False, finetune_images: Images | None = None,
+            workdir: str | Path | None = None,
             resume: bool = False, command: str | None = None, progress: bool = False,
             log: Log = quiet) -> CompileResult:
     """Quantize ``model`` and lower it to a QDQ ONNX model (``result.save(path)`` writes it).
@@ -64,7 +65,9 @@ def compile(model: Model, images: Images | None = None, *, arch: str | None = No
     ``certify`` and ``test_images`` and keeps its stages in ``workdir``). ``images`` are clean training images
     for calibration (and for the search); activation ranges are calibrated with noise ``calib_sigma``, by
     default ``certify.sigma``. With ``certify``, the ONNX model is certified in onnxruntime on
-    ``test_images`` (and, with ``certify.verify``, compared with the torch simulation) before it is returned."""
+    ``test_images`` (and, with ``certify.verify``, compared with the torch simulation) before it is returned;
+    with ``epsilon``, it is also certified with sound interval bounds at that L∞ radius on ``test_images``. The
+    certificates go into the report and into the model's metadata."""
     calib_sigma = (certify.sigma if certify is not None else 0.0) if calib_sigma is None else calib_sigma
     check_calibration(calib_images, calib_sigma)
     train = as_images(images) if images is not None else None
@@ -77,8 +80,8 @@ def compile(model: Model, images: Images | None = None, *, arch: str | None = No
             raise ArqcError("say which precision to compile to: --bits B, --w-bits/--a-bits, or --policy FILE")
         chosen = resolve_policy(prep.gm, bits, w_bits, a_bits, policy, default=32)
         return compile_fixed(prep, chosen, train, calib_images=calib_images, calib_sigma=calib_sigma, scales=scales,
-                             int4_weights=int4_weights, check=certify, test_images=test, command=command,
-                             progress=progress, log=log)
+                             int4_weights=int4_weights, check=certify, test_images=test, epsilon=epsilon,
+                             command=command, progress=progress, log=log)
     if bits is not None or w_bits is not None or a_bits is not None or policy is not None:
         raise ArqcError("--budget searches the precision: drop --bits/--w-bits/--a-bits/--policy")
     if certify is None or test is None:
@@ -92,7 +95,7 @@ def compile(model: Model, images: Images | None = None, *, arch: str | None = No
     return compile_searched(prep, train, test, search, certify, calib_images=calib_images,
                             calib_sigma=calib_sigma, scales=scales,
                             finetune=as_images(finetune_images) if finetune_images is not None else None,
-                            workdir=workdir, resume=resume, progress=progress, log=log)
+                            epsilon=epsilon, workdir=workdir, resume=resume, progress=progress, log=log)
 
 
 def certify(model: Model, images: Images, *, sigma: float, n: int | None = None, n0: int | None = None,

@@ -28,7 +28,8 @@ import torch
 from arqc.base import ArqcError, first_difference, write_json
 from arqc.data import ImageSet
 from arqc.passes.analysis import profile
-from arqc.passes.meta import FP32
+from arqc.passes.lower import attach
+from arqc.passes.meta import FP32, SEMANTICS, semantics_error
 from arqc.passes.policy import Policy, apply_policy, policy_to_json
 from arqc.passes.quantize import observed_ranges
 from arqc.passes.search.agent import DDPGConfig
@@ -79,7 +80,7 @@ class Run:
         # differ from a CPU's, so a run started on one is not continued on the other
         settings = asdict(self.s)
         del settings["device"]
-        return {"settings": settings, "model": model_identity(self.prep.gm),
+        return {"semantics": SEMANTICS, "settings": settings, "model": model_identity(self.prep.gm),
                 "train": self.train.spec, "test": self.test.spec, "finetune": self.finetune_set.spec,
                 "device": self.device}
 
@@ -90,6 +91,8 @@ class Run:
                 raise ArqcError(f"work directory {self.dir} holds an earlier run; pass --resume to continue "
                                 "it, or remove the directory to start over")
             saved, now = json.loads(args.read_text()), self._signature()
+            if saved.get("semantics", 1) != SEMANTICS:
+                raise ArqcError(semantics_error(f"the run in {self.dir}", saved.get("semantics", 1)))
             key = first_difference(saved, now)
             if key is not None:
                 if key == "device" and key in saved:
@@ -206,13 +209,14 @@ class Run:
             self.timings.update(saved.get("timings_s", {}))  # the search ran in an earlier process
             return {k: (v["w_bits"], v["a_bits"]) for k, v in saved["policy"].items()}, saved["episodes"]
         policy, episodes = self._timed("search", self.search_policy)
-        write_json(policy_path, {"policy": policy_to_json(policy), "episodes": episodes,
+        write_json(policy_path, {"semantics": SEMANTICS, "policy": policy_to_json(policy), "episodes": episodes,
                                  "timings_s": dict(self.timings)})
         return policy, episodes
 
     def run(self, settings: CompileSettings, verify: bool = False,
-            max_disagreement: float = 1.0) -> tuple[onnx.ModelProto, dict]:
-        """All stages; returns the ONNX model (with the report in its metadata) and the report. With
+            max_disagreement: float = 1.0) -> tuple[onnx.ModelProto, dict, torch.fx.GraphModule]:
+        """All stages; returns the ONNX model (with the report and the L2 certificate in its metadata), the report
+        and the fine-tuned simulation the model was lowered from. With
         ``verify``, onnxruntime and the torch simulation run on the same noisy samples of the final
         certification and their disagreement rate goes into the report (refused above ``max_disagreement``)."""
         s = self.s
@@ -235,9 +239,17 @@ class Run:
         report = build_report(s, policy, profile(self.prep.gm), quantized, fp32, episodes, self.timings)
         if verify:
             report["verification"] = check_disagreement(backend, s.alpha, max_disagreement)
-        onnx.helper.set_model_props(model, {p.key: p.value for p in model.metadata_props} |
-                                    {"arqc.report": json.dumps(report)})
-        return model, report
+        quantized.data = self.test.spec
+        attach(model, {"arqc.certificate_l2": l2_certificate(quantized), "arqc.report": report})
+        return model, report, sim
+
+
+def l2_certificate(result: CertifyResult) -> dict:
+    """What the ONNX metadata carries of a randomized-smoothing certificate: the settings, the data, the backend
+    (its fingerprint is the sha256 of the certified bytes) and the summary; the per-point records and timings stay
+    in the certification's JSON."""
+    return {"kind": "L2, randomized smoothing",
+            **{k: v for k, v in result.to_json().items() if k not in ("points", "time_per_point_s")}}
 
 
 def build_report(s: SearchSettings, policy: Policy, prof, quantized: CertifyResult, fp32: CertifyResult,
@@ -248,7 +260,7 @@ def build_report(s: SearchSettings, policy: Policy, prof, quantized: CertifyResu
                 "clean_accuracy": result.clean_accuracy, "abstain_rate": result.abstain_rate}
 
     return {
-        "method": s.method, "budget": s.budget, "bitops_ratio_fp32": prof.bitops_ratio_fp32,
+        "semantics": SEMANTICS, "method": s.method, "budget": s.budget, "bitops_ratio_fp32": prof.bitops_ratio_fp32,
         "size_ratio_fp32": prof.to_json()["size_ratio_fp32"],
         "policy": policy_to_json(policy), **cert(quantized), "fp32": cert(fp32),
         "episodes": episodes,

@@ -4,16 +4,21 @@ onnxruntime before anything is written. Returns the model and its report; writin
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
+import torch
 
-from arqc.arq import Run
+from arqc.arq import Run, l2_certificate
 from arqc.base import ArqcError, Log, atomic_write, quiet
 from arqc.certify_l2 import certify_onnx
+from arqc.certify_linf import certify_ibp, format_linf_report
 from arqc.data import ImageSet, check_compatible
 from arqc.passes.analysis import Profile, format_profile, profile
+from arqc.passes.lower import attach, certified_bytes
+from arqc.passes.meta import SEMANTICS
 from arqc.passes.policy import Policy, policy_to_json
 from arqc.pipeline import PreparedModel, quantize, to_onnx
 from arqc.runtime.backends import TorchBackend
@@ -37,13 +42,17 @@ class CompileResult:
 def compile_fixed(prep: PreparedModel, policy: Policy, calibration: ImageSet | None, *, calib_images: int = 512,
                   calib_sigma: float = 0.0, scales: str = "float", int4_weights: bool = False,
                   check: CertifySettings | None = None, test_images: ImageSet | None = None,
-                  command: str | None = None, progress: bool = True, log: Log = quiet) -> CompileResult:
+                  epsilon: float | None = None, command: str | None = None, progress: bool = True,
+                  log: Log = quiet) -> CompileResult:
     """Quantize at ``policy`` (activation ranges from ``calib_images`` calibration images with noise
-    ``calib_sigma``), lower, and with ``check`` certify the ONNX model on ``test_images``."""
-    if check is not None:
+    ``calib_sigma``), lower, and on ``test_images`` certify the ONNX model: in onnxruntime with randomized
+    smoothing (L2) with ``check``, with interval bounds at L∞ radius ``epsilon`` when given. The certificates go
+    into the report and the model's metadata."""
+    if check is not None or epsilon is not None:
         if test_images is None:
-            raise ArqcError("--sigma needs --test-data SPEC: held-out test images to certify the ONNX model on")
-        test_images = test_images.subset(num=check.num_images)
+            what = "--sigma" if check is not None else "--epsilon"
+            raise ArqcError(f"{what} needs --test-data SPEC: held-out test images to certify the ONNX model on")
+        test_images = test_images.subset(num=check.num_images) if check is not None else test_images
         check_compatible(test_images, prep.input_shape, prep.loaded.num_classes)
         if calibration is not None and test_images.spec == calibration.spec:
             log("note: --test-data is the calibration data; report certificates on held-out images", err=True)
@@ -54,30 +63,47 @@ def compile_fixed(prep: PreparedModel, policy: Policy, calibration: ImageSet | N
     model = to_onnx(sim, settings, int4_weights)
     prof = profile(sim)
     log(format_profile(prof))
-    certified: dict = {}
+    report = {"semantics": SEMANTICS, "method": "fixed", "policy": policy_to_json(policy),
+              "settings": settings.to_json(), "bitops_ratio_fp32": prof.bitops_ratio_fp32,
+              "profile": prof.to_json()}
+    certificates = {}
     if check is not None:  # certify (and verify) the exact bytes before anything is written
         reference = TorchBackend(sim, batch_size=400) if check.verify else None
         certified = certify_onnx(model.SerializeToString(), reference, test_images, check, progress=progress,
                                  log=log)
-    summary = {}
-    if certified:
         cert = certified["certificate"]
-        summary = {"certified_accuracy": cert.certified_accuracy, "acr": cert.acr}
-        certified = {**certified, "certificate": cert.to_json()}
-    report = {"method": "fixed", "policy": policy_to_json(policy), "settings": settings.to_json(),
-              "bitops_ratio_fp32": prof.bitops_ratio_fp32, "profile": prof.to_json(), **summary, **certified}
+        report |= {"certified_accuracy": cert.certified_accuracy, "acr": cert.acr, **certified,
+                   "certificate": cert.to_json()}
+        certificates["arqc.certificate_l2"] = l2_certificate(cert)
+    if epsilon is not None:
+        report["linf"] = certificates["arqc.certificate_linf"] = linf_certificate(sim, model, test_images, epsilon,
+                                                                                  log)
+    attach(model, certificates)
     return CompileResult(model, report, prof)
+
+
+def linf_certificate(sim: torch.fx.GraphModule, model: onnx.ModelProto, images: ImageSet, epsilon: float,
+                     log: Log = quiet) -> dict:
+    """The L∞ certificate of the compiled model at ``epsilon`` on ``images``: sound interval bounds on the
+    simulation (the function the ONNX model computes, DESIGN §4), clean accuracy judged by onnxruntime; what the
+    metadata carries (no per-point records or timings)."""
+    report = certify_ibp(sim, images, epsilon, onnx_model=model.SerializeToString(), device="cpu")
+    log(format_linf_report(report))
+    timing = ("points", "seconds", "time_per_input_s")
+    return {"kind": "L-inf, interval bounds", **{k: v for k, v in report.items() if k not in timing},
+            "model_sha256": hashlib.sha256(model.SerializeToString()).hexdigest()}
 
 
 def compile_searched(prep: PreparedModel, train: ImageSet, test: ImageSet, search: SearchSettings,
                      check: CertifySettings, *, calib_images: int = 256, calib_sigma: float | None = None,
-                     scales: str = "float", finetune: ImageSet | None = None, workdir: str | Path,
-                     resume: bool = False, progress: bool = True, log: Log = quiet) -> CompileResult:
+                     scales: str = "float", finetune: ImageSet | None = None, epsilon: float | None = None,
+                     workdir: str | Path, resume: bool = False, progress: bool = True, log: Log = quiet
+                     ) -> CompileResult:
     """``arqc compile --budget``: the whole ARQ pipeline (search → QAT → lower → fresh certificate of the ONNX
-    model in onnxruntime on ``test``). The search runs on ``train`` (calibration images first, then the
-    search images); its stages live in ``workdir`` so that ``resume`` continues an interrupted run.
-    ``search`` gives the search's own options; its certification and calibration fields are taken from
-    ``check``, ``calib_images``, ``calib_sigma`` and ``scales``."""
+    model in onnxruntime on ``test``, and at L∞ radius ``epsilon`` when given). The search runs on ``train``
+    (calibration images first, then the search images); its stages live in ``workdir`` so that ``resume``
+    continues an interrupted run. ``search`` gives the search's own options; its certification and calibration
+    fields are taken from ``check``, ``calib_images``, ``calib_sigma`` and ``scales``."""
     check_compatible(test, prep.input_shape, prep.loaded.num_classes)
     if finetune is not None:
         if finetune.spec == test.spec:
@@ -90,7 +116,11 @@ def compile_searched(prep: PreparedModel, train: ImageSet, test: ImageSet, searc
     run = Run(prep, train, test, settings, Path(workdir), resume, progress=progress, finetune=finetune)
     meta = prep.settings(scales=scales, calibration_data=train.spec, calibration_images=calib_images,
                          sigma=check.sigma, finetune_data=(finetune or train).spec)
-    model, report = run.run(meta, verify=check.verify, max_disagreement=check.max_disagreement)
+    model, report, sim = run.run(meta, verify=check.verify, max_disagreement=check.max_disagreement)
+    if epsilon is not None:
+        bare = onnx.load_from_string(certified_bytes(model))
+        report["linf"] = linf_certificate(sim, bare, run.test_set, epsilon, log)
+        attach(model, {"arqc.certificate_linf": report["linf"], "arqc.report": report})
     return CompileResult(model, report, profile(prep.gm))
 
 

@@ -48,7 +48,7 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         run = Run(prep, train, test, s, Path(args.workdir or scratch), resume=False)
-        _, report = run.run(prep.settings(purpose="bench"))
+        _, report, _ = run.run(prep.settings(purpose="bench"))
     total = time.perf_counter() - start
     print(f"ARQ search on {args.model}: {args.episodes} episodes ({args.warmup} warm-up), {args.search_images} "
           f"search images, IRS n'={args.search_n} against an FP32 cache of n={args.cache_n}, sigma=0.25, "

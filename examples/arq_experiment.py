@@ -107,7 +107,7 @@ def experiment() -> None:
                                    "timings_s": {"search": run.timings.get("search", 0.0)},
                                    "search_samples": search_samples(episodes)}
             else:
-                _, report = run.run(prep.settings(purpose="experiment"))
+                _, report, _ = run.run(prep.settings(purpose="experiment"))
             if "shared_with" not in report:
                 done.setdefault(key, (method, report))
             if not finished:

@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from arqc.base import ArqcError, __version__
 from arqc.passes import ops
 from arqc.passes.capture import get_attr
-from arqc.passes.meta import FP32, SEMANTICS, ActQuant, info, quantizable_nodes
+from arqc.passes.meta import FP32, SEMANTICS, ActQuant, info, quantizable_nodes, semantics_error
 from arqc.passes.quantize import INT32_BOUND, REQUANTIZED_OPS, QuantLayer, requant_nodes
 
 OPSET = 21
@@ -248,8 +248,30 @@ def read_metadata(model: onnx.ModelProto, what: str = "the ONNX model") -> dict:
     return out
 
 
-def semantics_error(what: str, found) -> str:
-    """The one line that refuses a file written under other quantization semantics."""
-    return (f"{what} was written by arqc under quantization semantics {found} (this arqc computes semantics "
-            f"{SEMANTICS}: integer-only, DESIGN §2), so it describes another function; compile or run it again "
-            "with this arqc")
+
+# Metadata added after lowering, once the lowered bytes are certified: the certificates and the compile report.
+CERTIFICATE_KEYS = ("arqc.certificate_l2", "arqc.certificate_linf", "arqc.report")
+
+
+def attach(model: onnx.ModelProto, props: dict) -> None:
+    """Add (or replace) ``CERTIFICATE_KEYS`` entries (JSON-able values) after the lowering's metadata, so that
+    :func:`certified_bytes` gives back the bytes they were computed on."""
+    unknown = set(props) - set(CERTIFICATE_KEYS)
+    if unknown:
+        raise ValueError(f"not certificate metadata: {sorted(unknown)}")
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    for key, value in kept + [(k, json.dumps(v)) for k, v in props.items()]:
+        model.metadata_props.add(key=key, value=value)
+
+
+def certified_bytes(model: onnx.ModelProto) -> bytes:
+    """The serialized model without ``CERTIFICATE_KEYS`` metadata: the bytes arqc certified (their sha256 is
+    the certificate's backend fingerprint)."""
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    kept = [(p.key, p.value) for p in bare.metadata_props if p.key not in CERTIFICATE_KEYS]
+    del bare.metadata_props[:]
+    for key, value in kept:
+        bare.metadata_props.add(key=key, value=value)
+    return bare.SerializeToString()

@@ -22,6 +22,13 @@ SEMANTICS = 2
 REQUANT_BITS = 8  # the grid of the tensors between quantized ops
 
 
+def semantics_error(what: str, found) -> str:
+    """The one line that refuses a file written under other quantization semantics (``found``)."""
+    return (f"{what} was written by arqc under quantization semantics {found} (this arqc computes semantics "
+            f"{SEMANTICS}: integer-only, DESIGN §2), so it describes another function; compile or run it again "
+            "with this arqc")
+
+
 @dataclass
 class ActQuant:
     """Quantization parameters of one activation tensor (a quantizable layer's input, or a requantized tensor).

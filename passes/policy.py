@@ -1,7 +1,8 @@
 """Precision policies: which (w_bits, a_bits) each quantizable layer gets, and the pass that records them.
 
 A policy file is JSON mapping layer name → {"w_bits": b, "a_bits": b}, b in 2..8 or 32 (not quantized).
-A report JSON written by ``arqc compile`` (which holds the mapping under "policy") is accepted too.
+A report JSON written by ``arqc compile`` (which holds the mapping under "policy") is accepted too, when it was
+written under this arqc's quantization semantics (its "semantics" key).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch.fx
 
 from arqc.base import ArqcError
-from arqc.passes.meta import FP32, info, quantizable_nodes
+from arqc.passes.meta import FP32, SEMANTICS, info, quantizable_nodes, semantics_error
 
 Policy = dict[str, tuple[int, int]]
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, FP32)
@@ -33,7 +34,9 @@ def load_policy(path: str | Path) -> Policy:
                         "{\"w_bits\": b, \"a_bits\": b}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArqcError(f"policy file {path} is not valid JSON ({err}); fix or regenerate it") from None
-    if isinstance(data, dict) and isinstance(data.get("policy"), dict):
+    if isinstance(data, dict) and isinstance(data.get("policy"), dict):  # a file arqc wrote: a report, a search
+        if data.get("semantics", 1) != SEMANTICS:
+            raise ArqcError(semantics_error(f"policy file {path}", data.get("semantics", 1)))
         data = data["policy"]
     if not isinstance(data, dict):
         raise ArqcError(f"policy file {path} must hold a JSON object mapping layer names to bits")

@@ -18,6 +18,7 @@ import onnxruntime as ort
 import torch
 
 from arqc.base import ArqcError
+from arqc.passes.quantize import quant_state
 from arqc.runtime.devices import resolve_device
 
 OPT_LEVELS = {
@@ -83,8 +84,10 @@ class TorchBackend(Backend):
         return out.float().cpu().numpy()
 
     def fingerprint(self) -> str:
-        """sha256 of the module's class name and every state_dict entry (name, dtype, shape, bytes)."""
+        """sha256 of the module's class name, every state_dict entry (name, dtype, shape, bytes) and, for a
+        simulation, its quantizers (bits, grids, activation parameters) and quantization semantics."""
         h = hashlib.sha256(type(self.module).__qualname__.encode())
+        h.update(quant_state(self.module).encode())  # "" for a float model: its fingerprint is unchanged
         for key, value in self.module.state_dict().items():
             h.update(key.encode())
             if isinstance(value, torch.Tensor) and not value.is_quantized:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from arqc.base import ArqcError, atomic_write
+from arqc.passes.meta import SEMANTICS, semantics_error
 from arqc.runtime.noise import NOISE_SCHEME
 
 CACHE_FORMAT = "arqc-irs-cache"
@@ -65,7 +66,8 @@ class IrsCache:
 
     def header(self) -> dict:
         """The JSON header written to disk."""
-        return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "fingerprint": self.fingerprint,
+        return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "semantics": SEMANTICS,
+                "fingerprint": self.fingerprint,
                 "sigma": self.sigma, "n": self.n, "n0": self.n0, "alpha": self.alpha, "seed": self.seed,
                 "noise": NOISE_SCHEME, "image_ids": [p.image_id for p in self.points]}
 
@@ -98,6 +100,8 @@ def load_cache(path: str | Path, *, fingerprint: str, sigma: float, n: int, ids:
         raise ArqcError(f"cannot read IRS cache {str(path)!r} ({e}); rebuild it") from e
     if header.get("format") != CACHE_FORMAT or header.get("version") != CACHE_VERSION:
         raise ArqcError(f"{str(path)!r} is not a version-{CACHE_VERSION} IRS cache; rebuild it")
+    if header.get("semantics", 1) != SEMANTICS:
+        raise ArqcError(semantics_error(f"IRS cache {str(path)!r}", header.get("semantics", 1)))
     expected = {"fingerprint": fingerprint, "sigma": sigma, "n": n, "noise": NOISE_SCHEME}
     for key, value in expected.items():
         if header[key] != value:

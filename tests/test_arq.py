@@ -32,7 +32,7 @@ def _comparable(report: dict) -> dict:
 
 def test_interrupted_run_resumes_to_the_same_result(setup, monkeypatch):
     root, prep, train, test = setup
-    _, whole = Run(prep, train, test, SETTINGS, root / "whole", resume=False, progress=False).run(prep.settings())
+    _, whole, _ = Run(prep, train, test, SETTINGS, root / "whole", resume=False, progress=False).run(prep.settings())
     score, calls = rewards.CertifiedReward.score, []
 
     def interrupted(self, policy):
@@ -45,7 +45,7 @@ def test_interrupted_run_resumes_to_the_same_result(setup, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         Run(prep, train, test, SETTINGS, root / "cut", resume=False, progress=False).run(prep.settings())
     monkeypatch.setattr(rewards.CertifiedReward, "score", score)
-    model, resumed = Run(prep, train, test, SETTINGS, root / "cut", resume=True, progress=False).run(prep.settings())
+    model, resumed, _ = Run(prep, train, test, SETTINGS, root / "cut", resume=True, progress=False).run(prep.settings())
     assert _comparable(resumed) == _comparable(whole)
     assert len(resumed["episodes"]) == 3 and resumed["method"] == "arq"
     assert any(p.key == "arqc.report" for p in model.metadata_props)

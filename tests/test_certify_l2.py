@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from arqc import archs
 from arqc.cli import main
 from arqc.loading import save_checkpoint
+from arqc.passes.lower import read_metadata
 from arqc.runtime import run as certify_run
 
 SMALL = ["--sigma", "0.25", "--n", "200", "--n0", "20", "--alpha", "0.01"]
@@ -251,6 +253,38 @@ def test_compile_verify_reports_the_onnx_certificate_and_the_disagreement(files,
         certificate)["points"]
 
 
+def test_the_certificates_travel_with_the_model(files, tmp_path, capsys):
+    """compile --sigma --epsilon puts both certificates into the ONNX metadata; `arqc report` shows them and
+    says they were computed on the file's bytes; `arqc certify` of the file gives the same L2 numbers; a file
+    changed after compiling is flagged."""
+    out_model, html = tmp_path / "q.onnx", tmp_path / "h.html"
+    code, _, err = arqc(capsys, "compile", files["model"], "--bits", "8", "--data", files["data"], "-o", out_model,
+                        "--test-data", files["data"], "--num-images", "4", "--sigma", "0.25", "--n", "100", "--n0",
+                        "10", "--alpha", "0.01", "--epsilon", "1/255")
+    assert code == 0, err
+    meta = read_metadata(onnx.load(out_model))
+    l2, linf = meta["arqc.certificate_l2"], meta["arqc.certificate_linf"]
+    assert (l2["sigma"], l2["n"], l2["n0"], l2["alpha"], l2["num_images"]) == (0.25, 100, 10, 0.01, 4)
+    assert l2["data"] == files["data"] and "points" not in l2
+    assert linf["epsilon"] == pytest.approx(1 / 255) and linf["num_images"] == len(files["y"])
+    assert linf["judge"] == "onnxruntime" and linf["data"] == files["data"]
+    assert 0 <= linf["verified_accuracy"] <= linf["clean_accuracy"] <= 1
+    code, _, _ = arqc(capsys, "certify", out_model, "--data", files["data"], "--num-images", "4", "--sigma", "0.25",
+                      "--n", "100", "--n0", "10", "--alpha", "0.01", "--json", tmp_path / "c.json")
+    again = json.loads((tmp_path / "c.json").read_text())
+    assert code == 0 and again["certified_accuracy"] == l2["certified_accuracy"] and again["acr"] == l2["acr"]
+    code, out, err = arqc(capsys, "report", out_model, "--html", html)
+    assert code == 0, err
+    assert "L2 certificate" in out and "L-inf certificate" in out and "computed on this file's bytes" in out
+    assert "L-inf certificate: verified accuracy" in html.read_text()
+    model = onnx.load(out_model)  # change one weight after compiling
+    weight = next(t for t in model.graph.initializer if t.name.endswith("weight_int8"))
+    weight.raw_data = bytes([weight.raw_data[0] ^ 1]) + weight.raw_data[1:]
+    onnx.save(model, tmp_path / "changed.onnx")
+    code, out, _ = arqc(capsys, "report", tmp_path / "changed.onnx")
+    assert code == 0 and "do NOT match" in out
+
+
 def test_compile_verify_refuses_a_model_that_disagrees(files, tmp_path, capsys, monkeypatch):
     from arqc import compiler
 
@@ -376,3 +410,58 @@ def test_a_named_state_file_is_kept_and_a_larger_run_extends_it(torch_run, files
     assert calls == [0, 1, 2, 3] and "2 of 4 points were done" in stdout  # only the two new images
     assert without_timing(json.loads((tmp_path / "all.json").read_text())) == without_timing(torch_run[0]) | {
         "model": str(files["model"]), "data": files["data"], "skip": 1}
+
+
+# --- files written under the old quantization semantics ----------------------------------------------------
+
+
+def _old_semantics(header: dict) -> dict:
+    """A header as arqc wrote it before integer-only inference: no "semantics" key."""
+    assert header.pop("semantics") == 2
+    return header
+
+
+def test_state_files_caches_and_policies_of_the_old_semantics_are_refused(files, irs_files, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Each in one line naming the file and both semantics versions, exit 2, nothing written."""
+    def refused(*args):
+        code, _, err = arqc(capsys, *args)
+        assert code == 2 and len(err.splitlines()) == 1 and "semantics 1" in err and "semantics 2" in err, err
+        return err
+
+    # a certification state file: interrupt a run after its first point, then age its header
+    out = tmp_path / "r.json"
+    state = Path(str(out) + ".state")
+    args = ["certify", files["model"], "--data", files["data"], *SMALL, "--json", out]
+    real = certify_run._certify_point
+    calls = []
+
+    def dies_after_one(*a, **kw):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(certify_run, "_certify_point", dies_after_one)
+    assert arqc(capsys, *args)[0] == 130
+    monkeypatch.setattr(certify_run, "_certify_point", real)
+    lines = [json.loads(line) for line in state.read_text().splitlines()]
+    state.write_text("".join(json.dumps(line) + "\n" for line in [_old_semantics(lines[0]), *lines[1:]]))
+    assert str(state) in refused(*args)
+    assert not out.exists() and len(state.read_text().splitlines()) == 2
+
+    # an IRS cache
+    with np.load(irs_files["cache"], allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    arrays["header"] = np.array(json.dumps(_old_semantics(json.loads(str(arrays["header"])))))
+    np.savez(tmp_path / "old.npz", **arrays)
+    refused("certify", irs_files["q"], "--data", files["data"], "--sigma", "0.25", "--n", "100", "--n0", "10",
+            "--alpha", "0.01", "--irs-cache", tmp_path / "old.npz", "--json", out)
+    assert not out.exists()
+
+    # a policy from a compile report of the old semantics
+    report = {"method": "fixed", "policy": {"conv1": {"w_bits": 4, "a_bits": 4}}}
+    (tmp_path / "old_report.json").write_text(json.dumps(report))
+    refused("compile", files["model"], "--policy", tmp_path / "old_report.json", "--data", files["data"], "-o",
+            tmp_path / "p.onnx")
+    assert not (tmp_path / "p.onnx").exists()

@@ -21,7 +21,8 @@ from arqc.reports import format_compile_report, render_html, report_from_onnx
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RADII = ("0.00", "0.25", "0.50", "0.75", "1.00")
-ALL_PLOTS = ["Bits per layer", "Reward per episode", "Certified accuracy vs radius",
+ALL_PLOTS = ["Bits per layer", "Reward per episode",
+             "L2 certificate: certified accuracy vs radius (randomized smoothing)",
              "BitOps vs ACR of every evaluated policy"]
 
 # distinct W and A bits on every row, so that a swapped or wrong field shows; one name HTML must escape, one
@@ -228,8 +229,9 @@ def _onnx_model(path, props: dict[str, str]) -> str:
 
 def test_report_from_onnx_returns_the_stored_report(tmp_path):
     r = report(verification={"disagreements": 1, "samples": 10})
-    path = _onnx_model(tmp_path / "m.onnx", {"arqc.settings": "{}", "arqc.report": json.dumps(r)})
-    assert report_from_onnx(path) == r
+    path = _onnx_model(tmp_path / "m.onnx", {"arqc.semantics": "2", "arqc.policy": json.dumps(r["policy"]),
+                                             "arqc.report": json.dumps(r)})
+    assert report_from_onnx(path) == {**r, "certificates": {}, "certified_file": False}
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
@@ -238,12 +240,21 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
     return message
 
 
-def test_report_from_onnx_without_a_report_is_one_error_line(tmp_path):
-    path = _onnx_model(tmp_path / "m.onnx", {"arqc.settings": "{}"})
+def test_report_from_onnx_without_arqc_metadata_is_one_error_line(tmp_path):
+    path = _onnx_model(tmp_path / "m.onnx", {"producer": "someone else"})
     with pytest.raises(ArqcError) as err:
         report_from_onnx(path)
     message = _one_line(err)
-    assert path in message and "no arqc report" in message
+    assert path in message and "no arqc metadata" in message
+
+
+def test_a_model_of_the_old_semantics_is_refused_in_one_line(tmp_path):
+    """arqc before integer-only inference wrote no "arqc.semantics": its metadata describes another function."""
+    path = _onnx_model(tmp_path / "m.onnx", {"arqc.settings": "{}", "arqc.policy": "{}"})
+    with pytest.raises(ArqcError) as err:
+        report_from_onnx(path)
+    message = _one_line(err)
+    assert path in message and "semantics 1" in message and "semantics 2" in message
 
 
 @pytest.mark.parametrize("content", [b"not an onnx model\x00\xff" * 8, None], ids=["garbage", "missing"])

@@ -10,7 +10,14 @@ import click
 
 from arqc import api
 from arqc.base import ArqcError, atomic_write, write_json
-from arqc.commands.options import bits_options, certify_settings, certify_settings_options, model_options, parse_shape
+from arqc.commands.options import (
+    bits_options,
+    certify_settings,
+    certify_settings_options,
+    model_options,
+    parse_epsilon,
+    parse_shape,
+)
 from arqc.passes.quantize import SCALES
 from arqc.passes.search.budget import parse_budget
 from arqc.reports import format_compile_report, render_html
@@ -68,15 +75,17 @@ def search_options(f):
               help="float: DESIGN's max scaling; po2: power-of-two scales, bit-exact across backends.")
 @click.option("--int4-weights", is_flag=True, help="Store <=4-bit weights in native INT4 containers.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the compile report JSON.")
+@click.option("--epsilon", help="Also certify the compiled model with interval bounds at this L-inf radius on "
+              "--test-data (e.g. 2/255); the certificate goes into the report and the model's metadata.")
 @click.option("--calib-sigma", type=float,
               help="Calibrate activation ranges on images with N(0, s^2) noise [default: --sigma, else 0].")
 @certify_settings_options
 @search_options
 def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bits, policy_path, data,
-             calib_images, scales, int4_weights, report_path, calib_sigma, sigma, verify, test_data, num_images, n,
-             n0, alpha, max_disagreement, seed, budget, method, episodes, warmup, demo, search_images, cache_n,
-             search_n, lam, finetune_epochs, finetune_data, episode_finetune_epochs, lr, device, workdir, resume,
-             html_path):
+             calib_images, scales, int4_weights, report_path, epsilon, calib_sigma, sigma, verify, test_data,
+             num_images, n, n0, alpha, max_disagreement, seed, budget, method, episodes, warmup, demo, search_images,
+             cache_n, search_n, lam, finetune_epochs, finetune_data, episode_finetune_epochs, lr, device, workdir,
+             resume, html_path):
     """Quantize MODEL and lower it to a QDQ ONNX model: at a fixed precision (--bits, --w-bits/--a-bits,
     --policy), or at the precision an ARQ search finds under a BitOps --budget.
 
@@ -86,7 +95,7 @@ def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bit
     of the samples. Activation ranges are calibrated on --data images with noise at --calib-sigma, which
     defaults to --sigma: the inputs a smoothed classifier's base model sees.
     """
-    check = certify_settings(sigma, verify, test_data, num_images=num_images, n=n, n0=n0, alpha=alpha,
+    check = certify_settings(sigma, verify, test_data, epsilon, num_images=num_images, n=n, n0=n0, alpha=alpha,
                              max_disagreement=max_disagreement, seed=seed)
     search = None
     if budget is None:
@@ -101,7 +110,8 @@ def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bit
     result = api.compile(model, data, arch=arch, input_shape=parse_shape(input_shape), trust_pickle=trust_pickle,
                          bits=bits, w_bits=w_bits, a_bits=a_bits, policy=policy_path,
                          budget=search.budget if search else None, search=search, certify=check,
-                         test_images=test_data, calib_images=calib_images, calib_sigma=calib_sigma, scales=scales,
+                         test_images=test_data, epsilon=parse_epsilon(epsilon) if epsilon else None,
+                         calib_images=calib_images, calib_sigma=calib_sigma, scales=scales,
                          int4_weights=int4_weights, finetune_images=finetune_data, workdir=workdir, resume=resume,
                          command=shlex.join(["arqc", *sys.argv[1:]]), progress=True, log=click.echo)
     if search is not None:

@@ -80,11 +80,12 @@ def certify_settings_options(f):
     ])
 
 
-def certify_settings(sigma: float | None, verify: bool, test_data: str | None, **given) -> CertifySettings | None:
+def certify_settings(sigma: float | None, verify: bool, test_data: str | None, epsilon: str | None = None,
+                     **given) -> CertifySettings | None:
     """Checked settings of ``compile --sigma`` (None without --sigma); ``given``: the other options above
-    (None when unset)."""
+    (None when unset). ``--test-data`` alone is allowed with ``--epsilon`` (the L∞ certificate's images)."""
     if sigma is None:
-        named = (("verify", verify or None), ("test_data", test_data), *given.items())
+        named = (("verify", verify or None), ("test_data", None if epsilon else test_data), *given.items())
         extra = [name for name, value in named if value is not None]
         if extra:
             raise ArqcError(f"--{extra[0].replace('_', '-')} needs --sigma (the noise level to certify at)")

@@ -1,4 +1,4 @@
-"""``arqc report``: the compile report of a model arqc compiled with --budget, rebuilt from its metadata."""
+"""``arqc report``: the compile report and certificates of a model arqc compiled, rebuilt from its metadata."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from arqc.reports import format_compile_report, render_html
 @click.option("--compare", multiple=True, type=click.Path(dir_okay=False),
               help="Report JSON of another run (a baseline) to plot next to this one; repeatable.")
 def report(model, html_path, compare):
-    """Rebuild the compile report of an ONNX model arqc compiled with --budget (from its metadata)."""
+    """Show the compile report of an ONNX model arqc compiled (a search's report, or a fixed policy) and the
+    certificates it carries (L2 randomized smoothing, L-inf interval bounds), from its metadata alone."""
     data = api.report(model)
     click.echo(format_compile_report(data))
     if html_path:

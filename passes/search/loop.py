@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from arqc.base import ArqcError, atomic_write, first_difference
+from arqc.passes.meta import SEMANTICS, semantics_error
 from arqc.passes.policy import Policy, policy_to_json
 from arqc.passes.search.agent import DDPG, DDPGConfig
 from arqc.passes.search.budget import bitops, enforce_budget, fp32_bitops
@@ -41,6 +42,9 @@ def _load_state(state_path: Path | None, signature: dict) -> dict | None:
     if state_path is None or not state_path.exists():
         return None
     state = torch.load(state_path, map_location="cpu", weights_only=True)
+    found = (state.get("signature") or {}).get("semantics", 1)
+    if found != SEMANTICS:
+        raise ArqcError(semantics_error(f"search state {state_path}", found))
     key = first_difference(state.get("signature") or {}, signature)
     if key is not None:
         raise ArqcError(f"{state_path} belongs to a search with other arguments (they differ in '{key}'); use the "
@@ -72,8 +76,8 @@ def ddpg_search(env: BitAllocationEnv, reward_fn: RewardFn, episodes: int, confi
     around the demonstrated policy."""
     agent = DDPG(STATE_DIM, config)
     log = SearchLog()
-    signature = {"kind": "ddpg", "episodes": episodes, "demo": None if demo is None else policy_to_json(demo),
-                 "config": asdict(config), **(signature or {})}
+    signature = {"kind": "ddpg", "semantics": SEMANTICS, "episodes": episodes,
+                 "demo": None if demo is None else policy_to_json(demo), "config": asdict(config), **(signature or {})}
     scripted = demo_actions(env, demo) if demo is not None else None
     demo_episode = max(0, min(config.warmup, episodes) - 1)
     state = _load_state(state_path, signature)
@@ -105,7 +109,7 @@ def random_search(env: BitAllocationEnv, reward_fn: RewardFn, episodes: int, see
                   state_path: Path | None = None, signature: dict | None = None, progress: bool = True) -> SearchLog:
     """Uniformly random bits per layer (then the budget wall), as many evaluations as the agent gets."""
     log = SearchLog()
-    signature = {"kind": "random", "episodes": episodes, "seed": seed, **(signature or {})}
+    signature = {"kind": "random", "semantics": SEMANTICS, "episodes": episodes, "seed": seed, **(signature or {})}
     state = _load_state(state_path, signature)
     if state is not None:
         log.episodes = state["log"]
