@@ -1,16 +1,20 @@
-"""Is arqc's W8A8 ONNX fast in onnxruntime? CPU throughput against the float model and against
-onnxruntime's own int8 quantization of the same network.
+"""Is arqc's deployed model fast in onnxruntime? CPU throughput of its integer-only QDQ models against the float
+model and against onnxruntime's own int8 quantization of the same network, with a kernel census and file sizes.
 
-Models (all run at ORT_ENABLE_ALL on the CPU execution provider):
-- float:   arqc's lowering of the network at 32 bits (no Q/DQ);
+ResNet-20 (akamaster CIFAR-10 weights; all models run at ORT_ENABLE_ALL on the CPU execution provider):
+- float:    arqc's lowering of the network at 32 bits (no Q/DQ);
 - ort-int8: onnxruntime.quantization.quantize_static of that float model (QDQ, per-channel int8 weights,
   uint8 activations, MinMax calibration on the same clean training images arqc calibrates on);
 - arqc W8A8 (float scales, DESIGN §2) and arqc W8A8 po2 (power-of-two scales);
-- arqc W4A4 (no target: the sub-8-bit path, as most search policies use it; its activations are clamped to
-  the 4-bit grid after QuantizeLinear, in the integer domain).
-Throughput is images/s over the clean test images; each timed repeat runs every model once, round-robin,
-so that a busy machine slows all of them alike; the median repeat is reported.
-Targets: arqc W8A8 ≥ 1.3× float and ≥ 0.95× ort-int8.
+- arqc W4A4, and the 1.5625 % BitOps policy of examples/results/arq_cifar10.md (its arq row: 3-5 bit layers,
+  first and last at 8), with sub-8-bit weights in int8 containers (the default) and in native INT4.
+MobileNetV2 (random weights, 64×64 inputs): float against arqc W8A8.
+Throughput is images/s over the clean test images (random images for MobileNetV2); each timed repeat runs
+every model of a network once, round-robin, so that a busy machine slows all of them alike; the median repeat
+is reported. The census counts the kernels onnxruntime runs after its optimizations (integer kernels, float
+Conv/Gemm left); sizes are the serialized file against Σ params × w_bits.
+Targets: arqc W8A8 ≥ 1.3× float and ≥ 0.95× ort-int8; the 1.5625 % policy ≥ 0.9× arqc W8A8; no float Conv or
+Gemm left; MobileNetV2 arqc W8A8 ≥ 1.2× float.
 
     python bench/lowering.py [--threads 1] [--batch 64] [--repeats 7]
 """
@@ -18,6 +22,7 @@ Targets: arqc W8A8 ≥ 1.3× float and ≥ 0.95× ort-int8.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -32,13 +37,16 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from arqc import archs
 from arqc.data import load_images
 from arqc.loading import load_model
-from arqc.passes.analysis import analyze
+from arqc.passes.analysis import analyze, profile
 from arqc.passes.capture import capture
 from arqc.passes.lower import lower
 from arqc.passes.policy import apply_policy, uniform
 from arqc.passes.quantize import simulate
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+# the arq row's policy at 1.5625 % (only its bits per layer are read: the run's file records the old semantics)
+ARQ_POLICY = ROOT / "examples/results/arq_cifar10_runs/arq_1.5625/policy.json"
 
 
 class Images(CalibrationDataReader):
@@ -51,10 +59,13 @@ class Images(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def arqc_onnx(gm, bits: int, calibration: torch.Tensor, scales: str) -> bytes:
-    apply_policy(gm, uniform(gm, bits, bits))
+def arqc_onnx(gm, policy: dict, calibration: torch.Tensor, scales: str = "float",
+              int4_weights: bool = False) -> tuple[bytes, float]:
+    """The lowered model's bytes and its theoretical size (Σ params × w_bits, in bytes)."""
+    apply_policy(gm, policy)
     sim = simulate(gm, [calibration[i:i + 128] for i in range(0, len(calibration), 128)], scales=scales)
-    return lower(sim, {"scales": scales}).SerializeToString()
+    data = lower(sim, {"scales": scales}, int4_weights=int4_weights).SerializeToString()
+    return data, profile(sim).size_bits / 8
 
 
 def ort_int8(float_onnx: bytes, calibration: np.ndarray) -> bytes:
@@ -66,11 +77,13 @@ def ort_int8(float_onnx: bytes, calibration: np.ndarray) -> bytes:
         return dst.read_bytes()
 
 
-INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "ConvInteger", "MatMulInteger")
+INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearConcat", "QLinearAveragePool",
+               "QLinearGlobalAveragePool", "ConvInteger", "MatMulInteger")
+FLOAT_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
 
 
-def session(model: bytes, threads: int) -> tuple[ort.InferenceSession, str]:
-    """An ENABLE_ALL session, and a census of the kernels it runs (integer ops and float convolutions)."""
+def session(model: bytes, threads: int) -> tuple[ort.InferenceSession, str, int]:
+    """An ENABLE_ALL session, a census of the kernels it runs, and the number of float Conv/Gemm/MatMul left."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads
@@ -81,13 +94,44 @@ def session(model: bytes, threads: int) -> tuple[ort.InferenceSession, str]:
         s = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
     integer = sum(ops.count(op) for op in INTEGER_OPS)
-    census = (f"{integer} integer kernels, {ops.count('FusedConv') + ops.count('Conv')} float convs, "
-              f"{ops.count('DequantizeLinear')} DequantizeLinear")
-    return s, census
+    floats = sum(ops.count(op) for op in FLOAT_OPS)
+    census = (f"{integer} integer kernels, {floats} float Conv/Gemm/MatMul, {ops.count('DequantizeLinear')} "
+              "DequantizeLinear")
+    return s, census, floats
 
 
 def run_all(s: ort.InferenceSession, x: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([s.run(None, {"input": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def measure(models: dict[str, tuple[bytes, float | None]], x: np.ndarray, y: np.ndarray | None,
+            args) -> dict[str, float]:
+    """Median images/s of each model (round-robin repeats); prints one line per model."""
+    built = {name: session(data, args.threads) for name, (data, _) in models.items()}
+    accuracy = {}
+    for name, (s, _, _) in built.items():  # warm-up, and a sanity check of every model
+        logits = run_all(s, x, args.batch)
+        accuracy[name] = float((logits.argmax(1) == y).mean()) if y is not None else float("nan")
+    rates: dict[str, list[float]] = {name: [] for name in built}
+    for _ in range(args.repeats):
+        for name, (s, _, _) in built.items():
+            start = time.perf_counter()
+            run_all(s, x, args.batch)
+            rates[name].append(len(x) / (time.perf_counter() - start))
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    for name, (_, census, floats) in built.items():
+        data, theory = models[name]
+        size = f"file {len(data) / 1024:.0f} KiB" + (f" (theory {theory / 1024:.0f} KiB)" if theory else "")
+        acc = f"clean accuracy {100 * accuracy[name]:.1f}%; " if y is not None else ""
+        print(f"  {name:<38} {median[name]:>6.0f} images/s (spread {min(rates[name]):.0f}-{max(rates[name]):.0f}; "
+              f"{acc}{census}; {size})")
+        if floats and not name.startswith("float"):
+            print(f"    NOTE: {floats} float Conv/Gemm/MatMul left in {name}")
+    return median
+
+
+def target(what: str, ratio: float, goal: float) -> None:
+    print(f"{what}: {ratio:.2f}x (target >= {goal}x: {'met' if ratio >= goal else 'NOT met'})")
 
 
 def main() -> None:
@@ -111,40 +155,38 @@ def main() -> None:
         model, what = archs.build("resnet20"), "random weights (shared data not found)"
         calib, x, y = torch.rand(args.calib, 3, 32, 32), torch.rand(1000, 3, 32, 32).numpy(), None
     gm = analyze(capture(model, torch.zeros(1, 3, 32, 32)))
-    float_onnx = arqc_onnx(gm, 32, calib[:1], "float")
+    arq = {k: (v["w_bits"], v["a_bits"]) for k, v in json.loads(ARQ_POLICY.read_text())["policy"].items()}
+    float_onnx = arqc_onnx(gm, uniform(gm, 32, 32), calib[:1])
     models = {
         "float (arqc, 32 bits)": float_onnx,
-        "ort-int8 (quantize_static QDQ)": ort_int8(float_onnx, calib.numpy()),
-        "arqc W8A8": arqc_onnx(gm, 8, calib, "float"),
-        "arqc W8A8 po2": arqc_onnx(gm, 8, calib, "po2"),
-        "arqc W4A4": arqc_onnx(gm, 4, calib, "float"),
+        "ort-int8 (quantize_static QDQ)": (ort_int8(float_onnx[0], calib.numpy()), None),
+        "arqc W8A8": arqc_onnx(gm, uniform(gm, 8, 8), calib),
+        "arqc W8A8 po2": arqc_onnx(gm, uniform(gm, 8, 8), calib, "po2"),
+        "arqc W4A4": arqc_onnx(gm, uniform(gm, 4, 4), calib),
+        "arqc 1.5625% policy (int8 containers)": arqc_onnx(gm, arq, calib),
+        "arqc 1.5625% policy (INT4 weights)": arqc_onnx(gm, arq, calib, int4_weights=True),
     }
-    built = {name: session(m, args.threads) for name, m in models.items()}
-    sessions = {name: s for name, (s, _) in built.items()}
     print(f"ResNet-20 ({what}), onnxruntime {ort.__version__} CPUExecutionProvider, ORT_ENABLE_ALL, "
           f"intra-op threads {args.threads}, batch {args.batch}, {len(x)} CIFAR-10 test images per repeat, "
           f"{args.repeats} repeats (median), calibration on {len(calib)} training images")
-    accuracy = {}
-    for name, s in sessions.items():  # warm-up, and a sanity check of every model
-        logits = run_all(s, x, args.batch)
-        accuracy[name] = float((logits.argmax(1) == y).mean()) if y is not None else float("nan")
-    rates: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(args.repeats):
-        for name, s in sessions.items():
-            start = time.perf_counter()
-            run_all(s, x, args.batch)
-            rates[name].append(len(x) / (time.perf_counter() - start))
-    median = {name: statistics.median(r) for name, r in rates.items()}
-    for name in sessions:
-        spread = f"{min(rates[name]):.0f}-{max(rates[name]):.0f}"
-        print(f"  {name:<31} {median[name]:>6.0f} images/s (spread {spread}; "
-              f"clean accuracy {100 * accuracy[name]:.1f}%; {built[name][1]})")
+    median = measure(models, x, y, args)
     for arqc_name in ("arqc W8A8", "arqc W8A8 po2"):
-        for base, target in (("float (arqc, 32 bits)", 1.3), ("ort-int8 (quantize_static QDQ)", 0.95)):
-            ratio = median[arqc_name] / median[base]
-            verdict = "met" if ratio >= target else "NOT met"
-            print(f"{arqc_name} / {base}: {ratio:.2f}x (target >= {target}x: {verdict})")
-    print(f"arqc W4A4 / float (arqc, 32 bits): {median['arqc W4A4'] / median['float (arqc, 32 bits)']:.2f}x")
+        target(f"{arqc_name} / float", median[arqc_name] / median["float (arqc, 32 bits)"], 1.3)
+        target(f"{arqc_name} / ort-int8", median[arqc_name] / median["ort-int8 (quantize_static QDQ)"], 0.95)
+    for containers in ("int8 containers", "INT4 weights"):
+        target(f"1.5625% policy ({containers}) / arqc W8A8",
+               median[f"arqc 1.5625% policy ({containers})"] / median["arqc W8A8"], 0.9)
+    print(f"arqc W4A4 / float: {median['arqc W4A4'] / median['float (arqc, 32 bits)']:.2f}x")
+
+    torch.manual_seed(0)
+    mobilenet = archs.build("mobilenet_v2").eval()
+    mgm = analyze(capture(mobilenet, torch.zeros(1, 3, 64, 64)))
+    g = torch.Generator().manual_seed(0)
+    mcalib, mx = torch.rand(128, 3, 64, 64, generator=g), torch.rand(256, 3, 64, 64, generator=g).numpy()
+    print(f"MobileNetV2 (random weights), 64x64 inputs, {len(mx)} random images per repeat, same settings")
+    mmedian = measure({"float (arqc, 32 bits)": arqc_onnx(mgm, uniform(mgm, 32, 32), mcalib[:1]),
+                       "arqc W8A8": arqc_onnx(mgm, uniform(mgm, 8, 8), mcalib)}, mx, None, args)
+    target("MobileNetV2 arqc W8A8 / float", mmedian["arqc W8A8"] / mmedian["float (arqc, 32 bits)"], 1.2)
 
 
 if __name__ == "__main__":

@@ -89,14 +89,12 @@ class OnnxBuilder:
         return self.gm.get_submodule(node.target)
 
     def _act_params(self, act: ActQuant, name: str) -> tuple[str, str]:
-        """Initializers of a quantizer's scale and zero point. Sub-8-bit signed grids go in a uint8 container
-        (zero point + 128: the same real values), since onnxruntime's x86 integer kernels take uint8
-        activations and cannot convert a clamped int8 tensor to uint8 themselves."""
-        if act.signed and act.bits < 8:
-            zero = np.uint8(act.zero_point + 128)
-        else:
-            zero = (np.int8 if act.signed else np.uint8)(act.zero_point)
-        return self.const(np.float32(act.scale), f"{name}_scale"), self.const(zero, f"{name}_zero_point")
+        """Initializers of a quantizer's scale and zero point. Every activation goes in a uint8 container; a
+        signed grid's zero point is shifted by 128 (the same real values): onnxruntime's x86 integer kernels
+        take uint8 activations, and its own int8 → uint8 conversion skips tensors that several ops read or
+        that are clamped below 8 bits, which left such convs and adds float."""
+        zero = act.zero_point + (128 if act.signed else 0)
+        return self.const(np.float32(act.scale), f"{name}_scale"), self.const(np.uint8(zero), f"{name}_zero_point")
 
     def requantize(self, x: str, grid: str, act: ActQuant, name: str) -> str:
         """``x`` on the 8-bit grid ``act`` of the requant module ``grid``: QuantizeLinear → DequantizeLinear."""

@@ -240,7 +240,7 @@ def _integers_of(model: onnx.ModelProto, names: list[str], x: torch.Tensor) -> d
 
 def test_layer_inputs_carry_the_integers_of_their_grid(resnet20_case):
     """Every quantized layer reads a DequantizeLinear whose integers, run in onnxruntime, take at most 2^a_bits
-    values inside the b-bit range (in a uint8 container shifted by 128 for signed grids below 8 bits), with the
+    values inside the b-bit range (in a uint8 container, shifted by 128 for signed grids), with the
     simulation's scale and zero point; at a_bits = 8 after a requant node that is the requant node's own grid."""
     sim, model, _, _ = compiled(resnet20_case, "mixed", "float")
     producers, inits = _producers(model), _initializers(model)
@@ -251,9 +251,8 @@ def test_layer_inputs_carry_the_integers_of_their_grid(resnet20_case):
         assert dq.op_type == "DequantizeLinear"
         scale, zero = float(inits[dq.input[1]]), inits[dq.input[2]]
         assert scale == np.float32(act.scale)
-        shift = 128 if act.signed and act.bits < 8 else 0
-        assert zero.dtype == (np.int8 if act.signed and not shift else np.uint8)
-        assert int(zero) == act.zero_point + shift
+        shift = 128 if act.signed else 0  # every grid in a uint8 container
+        assert zero.dtype == np.uint8 and int(zero) == act.zero_point + shift
         if m.grid_input:  # the producer's requant grid, read as it is
             assert act is sim.get_submodule(m.grid_source).act and act.bits == 8
         checks[dq.input[0]] = (act.qmin + shift, act.qmax + shift, act.bits)
