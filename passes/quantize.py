@@ -82,8 +82,10 @@ def weight_scale(weight: torch.Tensor, bits: int, scales: str = "float") -> torc
 
 
 def act_quant(lo: float, hi: float, bits: int, signed: bool, scales: str = "float",
-              method: str = "minmax") -> ActQuant:
-    """Affine per-tensor parameters for a calibrated min/max range (widened to contain 0)."""
+              method: str = "minmax", even_zero: bool = False) -> ActQuant:
+    """Affine per-tensor parameters for a calibrated min/max range (widened to contain 0). ``even_zero``: the
+    zero point is the even integer nearest the affine one (requant grids: onnxruntime's fused QLinearAdd rounds
+    x/s + z half to even where QuantizeLinear rounds x/s, and the two agree on ties only when z is even)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if not signed:
         lo = 0.0
@@ -93,6 +95,9 @@ def act_quant(lo: float, hi: float, bits: int, signed: bool, scales: str = "floa
         scale = _po2(scale)
     scale = float(scale)
     zero_point = int(min(max(qmin - round(lo / scale), qmin), qmax))
+    if even_zero and zero_point % 2:
+        ideal = qmin - lo / scale
+        zero_point += 1 if (ideal > zero_point and zero_point < qmax) or zero_point == qmin else -1
     return ActQuant(bits, signed, scale, zero_point, qmin, qmax, float(lo), float(hi), method)
 
 
@@ -108,10 +113,10 @@ class _Observer:
         lo, hi = float(x.detach().min()), float(x.detach().max())
         self.observed = (lo, hi) if self.observed is None else (min(lo, self.observed[0]), max(hi, self.observed[1]))
 
-    def calibrated(self, bits: int, signed: bool) -> ActQuant:
+    def calibrated(self, bits: int, signed: bool, even_zero: bool = False) -> ActQuant:
         if self.observed is None:
             raise RuntimeError("calibration saw no data")
-        return act_quant(*self.observed, bits, signed, self.scales, self.method)
+        return act_quant(*self.observed, bits, signed, self.scales, self.method, even_zero)
 
 
 class QuantLayer(_Observer):
@@ -208,7 +213,7 @@ class Requant(_Observer, nn.Module):
 
     def finish_calibration(self) -> None:
         self.calibrating = False
-        self.act = self.calibrated(self.bits, self.signed)
+        self.act = self.calibrated(self.bits, self.signed, even_zero=True)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}"
