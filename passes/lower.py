@@ -1,9 +1,9 @@
 """Lowering pass: a simulated (passes/quantize.py) graph to a QDQ ONNX model written by arqc itself.
 
 Every node is emitted by its registry entry (passes/ops/); quantizable layers get
-- input:  QuantizeLinear → [integer Clip to the b-bit range, when b < 8] → DequantizeLinear (per tensor); an
-  input that already lies on the layer's 8-bit grid (a_bits = 8 after a requant node) is that grid's
-  DequantizeLinear;
+- input:  [float Clip to the b-bit grid's range, when b < 8] → QuantizeLinear → DequantizeLinear (per tensor,
+  uint8 container); an input that already lies on the layer's 8-bit grid (a_bits = 8 after a requant node)
+  is that grid's DequantizeLinear;
 - weight: integers already rounded and clamped to the b-bit range, in an 8-bit container (or a native INT4
   container for b ≤ 4 when asked) → DequantizeLinear (per output channel);
 - bias:   int32 → DequantizeLinear with scale s_x·s_w when input and weight are quantized, else float.
