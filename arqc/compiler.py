@@ -38,6 +38,20 @@ class CompileResult:
         """Write the ONNX model (atomically: a temporary file renamed into place)."""
         atomic_write(path, lambda f: f.write(self.model.SerializeToString()))
 
+    def size_line(self) -> str:
+        """The file's real size next to the theoretical one (Σ params × w_bits), and the weight containers."""
+        size = self.report["file_size"]
+        return (f"{size['bytes'] / 1024:.1f} KiB (weights at their bits: {size['theoretical_bytes'] / 1024:.1f} KiB; "
+                f"sub-8-bit weights in {size['weight_containers']} containers)")
+
+
+def file_size(model: onnx.ModelProto, prof: Profile, int4_weights: bool) -> dict:
+    """What the report says of the file's size: its bytes (with the certificates' metadata), Σ params × w_bits
+    / 8, and the containers of sub-8-bit weights (int8 by default: onnxruntime runs INT4 weights through float
+    convolutions, bench/lowering.py)."""
+    return {"bytes": model.ByteSize(), "theoretical_bytes": prof.size_bits / 8,
+            "weight_containers": "INT4" if int4_weights else "int8"}
+
 
 def compile_fixed(prep: PreparedModel, policy: Policy, calibration: ImageSet | None, *, calib_images: int = 512,
                   calib_sigma: float = 0.0, scales: str = "float", int4_weights: bool = False,
@@ -79,6 +93,7 @@ def compile_fixed(prep: PreparedModel, policy: Policy, calibration: ImageSet | N
         report["linf"] = certificates["arqc.certificate_linf"] = linf_certificate(sim, model, test_images, epsilon,
                                                                                   log)
     attach(model, certificates)
+    report["file_size"] = file_size(model, prof, int4_weights)
     return CompileResult(model, report, prof)
 
 
@@ -121,7 +136,9 @@ def compile_searched(prep: PreparedModel, train: ImageSet, test: ImageSet, searc
         bare = onnx.load_from_string(certified_bytes(model))
         report["linf"] = linf_certificate(sim, bare, run.test_set, epsilon, log)
         attach(model, {"arqc.certificate_linf": report["linf"], "arqc.report": report})
-    return CompileResult(model, report, profile(prep.gm))
+    prof = profile(prep.gm)
+    report["file_size"] = file_size(model, prof, False)
+    return CompileResult(model, report, prof)
 
 
 def check_calibration(calib_images: int, calib_sigma: float) -> None:

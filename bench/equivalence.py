@@ -1,6 +1,7 @@
 """How exactly onnxruntime computes what arqc's torch simulation computes: the agreement table.
 
-For each model × policy × scales, the simulated (fake-quantized) torch model and its QDQ ONNX lowering run
+For each model × policy (W8A8, W4A4, random mixed bits, and for ResNet-20 the 1.5625 % BitOps policy of
+examples/results/arq_cifar10.md) × scales, the simulated (fake-quantized) torch model and its QDQ ONNX lowering run
 on the same noisy inputs (clean test image + N(0, σ²) in pixel space); onnxruntime (CPU) runs at
 ORT_DISABLE_ALL and at ORT_ENABLE_ALL (fused integer kernels). Columns: top-1 agreement with torch, and the
 median and max of the relative logit difference |ort − torch| / max_k |torch_k| (per image) over all logits.
@@ -15,6 +16,7 @@ weights (BatchNorm statistics measured on the calibration images) and sees the s
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from arqc.passes.policy import apply_policy, uniform
 from arqc.passes.quantize import simulate
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+ARQ_POLICY = Path(__file__).resolve().parents[1] / "examples/results/arq_cifar10_runs/arq_1.5625/policy.json"
 LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
           "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
@@ -123,6 +126,9 @@ def main() -> None:
     for label, model, calib, x in setups(args):
         gm = analyze(capture(model, x[:1]))
         policies = {"W8A8": uniform(gm, 8, 8), "W4A4": uniform(gm, 4, 4), "mixed": mixed_policy(gm)}
+        if label.startswith("ResNet-20"):  # the 1.5625 % BitOps policy of examples/results (its bits only)
+            saved = json.loads(ARQ_POLICY.read_text())["policy"]
+            policies["1.56%"] = {k: (v["w_bits"], v["a_bits"]) for k, v in saved.items()}
         for pname, policy in policies.items():
             apply_policy(gm, policy)
             for scales in ("float", "po2"):

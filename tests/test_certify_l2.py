@@ -241,6 +241,9 @@ def test_compile_verify_reports_the_onnx_certificate_and_the_disagreement(files,
     report = json.loads((tmp_path / "r.json").read_text())
     certificate, disagreement = report["certificate"], report["disagreement"]
     assert certificate["backend"] == "onnxruntime" and certificate["num_images"] == 2
+    size = report["file_size"]  # the real file next to Σ params × 8 bits, in int8 containers
+    assert size["bytes"] == (tmp_path / "q.onnx").stat().st_size and size["weight_containers"] == "int8"
+    assert size["theoretical_bytes"] == report["profile"]["total_params"] < size["bytes"]
     assert disagreement["samples"] == 2 * 110 and disagreement["disagreements"] <= 2
     assert disagreement["rate"] == disagreement["disagreements"] / 220 < disagreement["upper_bound"] < 0.05
     assert disagreement["passed"] and "noisy samples disagree" in out

@@ -117,7 +117,7 @@ def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bit
     if search is not None:
         click.echo(format_compile_report(result.report))
     result.save(output)
-    click.echo(f"wrote {output}" + (f" (stages kept in {workdir})" if search is not None else ""))
+    click.echo(f"wrote {output}: {result.size_line()}" + (f"; stages kept in {workdir}" if search is not None else ""))
     if report_path:
         write_json(report_path, result.report)
     if html_path:
