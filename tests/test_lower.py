@@ -316,6 +316,16 @@ def test_enable_all_runs_integer_kernels(resnet20_case, policy, tmp_path):
     assert not {"Conv", "FusedConv", "Gemm", "MatMul", "Add", "GlobalAveragePool"} & set(ops)
 
 
+def test_mobilenet_v2_runs_integer_kernels_only(mobilenet_case, tmp_path):
+    """Depthwise and pointwise convs, signed projection outputs read by two ops, residual adds: all integer."""
+    _, model, _, _ = compiled(mobilenet_case, "W8A8", "float")
+    path = tmp_path / "optimized.onnx"
+    session(model, "all", path)
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.count("QLinearConv") == 52 and ops.count("QLinearAdd") == 10 and ops.count("QGemm") == 1
+    assert not {"Conv", "FusedConv", "Gemm", "MatMul", "Add", "DequantizeLinear"} & set(ops)
+
+
 def test_int4_weight_containers(resnet20_case):
     for scales in ("po2", "float"):
         sim, model8, ref, outs8 = compiled(resnet20_case, "mixed", scales)
