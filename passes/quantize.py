@@ -265,7 +265,7 @@ def integerize(sim: torch.fx.GraphModule, scales: str = "float", method: str = "
             point = users[0]
         if point is logits:
             continue
-        target = f"requant.{point.name}"
+        target = f"arqc_requant.{point.name}"  # a container no user model names
         sim.add_submodule(target, Requant(signed=not info(point).nonneg, scales=scales, method=method))
         with graph.inserting_after(point):
             requant = graph.call_module(target, (point,))
