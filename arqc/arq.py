@@ -29,7 +29,7 @@ from arqc.base import ArqcError, first_difference, write_json
 from arqc.data import ImageSet
 from arqc.passes.analysis import profile
 from arqc.passes.lower import attach
-from arqc.passes.meta import FP32, SEMANTICS, semantics_error
+from arqc.passes.meta import FP32, SEMANTICS, check_semantics
 from arqc.passes.policy import Policy, apply_policy, policy_to_json
 from arqc.passes.quantize import observed_ranges
 from arqc.passes.search.agent import DDPGConfig
@@ -91,8 +91,7 @@ class Run:
                 raise ArqcError(f"work directory {self.dir} holds an earlier run; pass --resume to continue "
                                 "it, or remove the directory to start over")
             saved, now = json.loads(args.read_text()), self._signature()
-            if saved.get("semantics", 1) != SEMANTICS:
-                raise ArqcError(semantics_error(f"the run in {self.dir}", saved.get("semantics", 1)))
+            check_semantics(saved.get("semantics"), f"the run in {self.dir}")
             key = first_difference(saved, now)
             if key is not None:
                 if key == "device" and key in saved:

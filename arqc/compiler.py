@@ -81,32 +81,32 @@ def compile_fixed(prep: PreparedModel, policy: Policy, calibration: ImageSet | N
               "settings": settings.to_json(), "bitops_ratio_fp32": prof.bitops_ratio_fp32,
               "profile": prof.to_json()}
     certificates = {}
+    data = model.SerializeToString()  # the bytes every certificate is computed on
     if check is not None:  # certify (and verify) the exact bytes before anything is written
         reference = TorchBackend(sim, batch_size=400) if check.verify else None
-        certified = certify_onnx(model.SerializeToString(), reference, test_images, check, progress=progress,
-                                 log=log)
+        certified = certify_onnx(data, reference, test_images, check, progress=progress, log=log)
         cert = certified["certificate"]
         report |= {"certified_accuracy": cert.certified_accuracy, "acr": cert.acr, **certified,
                    "certificate": cert.to_json()}
         certificates["arqc.certificate_l2"] = l2_certificate(cert)
     if epsilon is not None:
-        report["linf"] = certificates["arqc.certificate_linf"] = linf_certificate(sim, model, test_images, epsilon,
+        report["linf"] = certificates["arqc.certificate_linf"] = linf_certificate(sim, data, test_images, epsilon,
                                                                                   log)
     attach(model, certificates)
     report["file_size"] = file_size(model, prof, int4_weights)
     return CompileResult(model, report, prof)
 
 
-def linf_certificate(sim: torch.fx.GraphModule, model: onnx.ModelProto, images: ImageSet, epsilon: float,
+def linf_certificate(sim: torch.fx.GraphModule, model: bytes, images: ImageSet, epsilon: float,
                      log: Log = quiet) -> dict:
     """The L∞ certificate of the compiled model at ``epsilon`` on ``images``: sound interval bounds on the
     simulation (the function the ONNX model computes, DESIGN §4), clean accuracy judged by onnxruntime; what the
     metadata carries (no per-point records or timings)."""
-    report = certify_ibp(sim, images, epsilon, onnx_model=model.SerializeToString(), device="cpu")
+    report = certify_ibp(sim, images, epsilon, onnx_model=model, device="cpu")
     log(format_linf_report(report))
     timing = ("points", "seconds", "time_per_input_s")
     return {"kind": "L-inf, interval bounds", **{k: v for k, v in report.items() if k not in timing},
-            "model_sha256": hashlib.sha256(model.SerializeToString()).hexdigest()}
+            "model_sha256": hashlib.sha256(model).hexdigest()}
 
 
 def compile_searched(prep: PreparedModel, train: ImageSet, test: ImageSet, search: SearchSettings,
@@ -133,8 +133,7 @@ def compile_searched(prep: PreparedModel, train: ImageSet, test: ImageSet, searc
                          sigma=check.sigma, finetune_data=(finetune or train).spec)
     model, report, sim = run.run(meta, verify=check.verify, max_disagreement=check.max_disagreement)
     if epsilon is not None:
-        bare = onnx.load_from_string(certified_bytes(model))
-        report["linf"] = linf_certificate(sim, bare, run.test_set, epsilon, log)
+        report["linf"] = linf_certificate(sim, certified_bytes(model), run.test_set, epsilon, log)
         attach(model, {"arqc.certificate_linf": report["linf"], "arqc.report": report})
     prof = profile(prep.gm)
     report["file_size"] = file_size(model, prof, False)

@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from arqc.base import ArqcError, __version__
 from arqc.passes import ops
 from arqc.passes.capture import get_attr
-from arqc.passes.meta import FP32, SEMANTICS, ActQuant, info, quantizable_nodes, semantics_error
+from arqc.passes.meta import FP32, SEMANTICS, ActQuant, check_semantics, info, quantizable_nodes
 from arqc.passes.quantize import INT32_BOUND, REQUANTIZED_OPS, QuantLayer, requant_nodes
 
 OPSET = 21
@@ -241,8 +241,8 @@ def read_metadata(model: onnx.ModelProto, what: str = "the ONNX model") -> dict:
                 out[prop.key] = json.loads(prop.value)
             except json.JSONDecodeError:
                 out[prop.key] = prop.value
-    if out and out.get("arqc.semantics", 1) != SEMANTICS:
-        raise ArqcError(semantics_error(what, out.get("arqc.semantics", 1)))
+    if out:
+        check_semantics(out.get("arqc.semantics"), what)
     return out
 
 

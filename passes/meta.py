@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch.fx
 
+from arqc.base import ArqcError
+
 KEY = "arqc"
 FP32 = 32
 # The version of the quantization semantics (DESIGN §2) that simulations compute and that ONNX files, state files
@@ -22,11 +24,14 @@ SEMANTICS = 2
 REQUANT_BITS = 8  # the grid of the tensors between quantized ops
 
 
-def semantics_error(what: str, found) -> str:
-    """The one line that refuses a file written under other quantization semantics (``found``)."""
-    return (f"{what} was written by arqc under quantization semantics {found} (this arqc computes semantics "
-            f"{SEMANTICS}: integer-only, DESIGN §2), so it describes another function; compile or run it again "
-            "with this arqc")
+def check_semantics(found: int | None, what: str) -> None:
+    """Refuse, in one line (ArqcError), ``what``: a file arqc wrote under other quantization semantics. ``found``
+    is the version the file records; None means it records none, as arqc wrote them before semantics 2."""
+    found = 1 if found is None else found
+    if found != SEMANTICS:
+        raise ArqcError(f"{what} was written by arqc under quantization semantics {found} (this arqc computes "
+                        f"semantics {SEMANTICS}: integer-only, DESIGN §2), so it describes another function; "
+                        "compile or run it again with this arqc")
 
 
 @dataclass

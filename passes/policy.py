@@ -13,7 +13,7 @@ from pathlib import Path
 import torch.fx
 
 from arqc.base import ArqcError
-from arqc.passes.meta import FP32, SEMANTICS, info, quantizable_nodes, semantics_error
+from arqc.passes.meta import FP32, check_semantics, info, quantizable_nodes
 
 Policy = dict[str, tuple[int, int]]
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, FP32)
@@ -35,8 +35,7 @@ def load_policy(path: str | Path) -> Policy:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArqcError(f"policy file {path} is not valid JSON ({err}); fix or regenerate it") from None
     if isinstance(data, dict) and isinstance(data.get("policy"), dict):  # a file arqc wrote: a report, a search
-        if data.get("semantics", 1) != SEMANTICS:
-            raise ArqcError(semantics_error(f"policy file {path}", data.get("semantics", 1)))
+        check_semantics(data.get("semantics"), f"policy file {path}")
         data = data["policy"]
     if not isinstance(data, dict):
         raise ArqcError(f"policy file {path} must hold a JSON object mapping layer names to bits")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from arqc.base import ArqcError, atomic_write
-from arqc.passes.meta import SEMANTICS, semantics_error
+from arqc.passes.meta import SEMANTICS, check_semantics
 from arqc.runtime.noise import NOISE_SCHEME
 
 CACHE_FORMAT = "arqc-irs-cache"
@@ -100,8 +100,7 @@ def load_cache(path: str | Path, *, fingerprint: str, sigma: float, n: int, ids:
         raise ArqcError(f"cannot read IRS cache {str(path)!r} ({e}); rebuild it") from e
     if header.get("format") != CACHE_FORMAT or header.get("version") != CACHE_VERSION:
         raise ArqcError(f"{str(path)!r} is not a version-{CACHE_VERSION} IRS cache; rebuild it")
-    if header.get("semantics", 1) != SEMANTICS:
-        raise ArqcError(semantics_error(f"IRS cache {str(path)!r}", header.get("semantics", 1)))
+    check_semantics(header.get("semantics"), f"IRS cache {str(path)!r}")
     expected = {"fingerprint": fingerprint, "sigma": sigma, "n": n, "noise": NOISE_SCHEME}
     for key, value in expected.items():
         if header[key] != value:

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from arqc.base import ArqcError, first_difference
-from arqc.passes.meta import SEMANTICS, semantics_error
+from arqc.passes.meta import SEMANTICS, check_semantics
 from arqc.runtime.backends import Backend, ComparingBackend
 from arqc.runtime.irs import DEFAULT_GAMMA, certify_incremental
 from arqc.runtime.irs_cache import IrsCache
@@ -157,8 +157,7 @@ def _resume(path: Path, header: dict, ids: list[int], prefix_digest) -> list[dic
         path.write_text(json.dumps(header) + "\n", encoding="utf-8")
         return []
     old = lines[0]
-    if old.get("semantics", 1) != header["semantics"]:
-        raise ArqcError(semantics_error(f"state file {str(path)!r}", old.get("semantics", 1)))
+    check_semantics(old.get("semantics"), f"state file {str(path)!r}")
     if _is_prefix(old.get("data"), header["data"], prefix_digest) and \
             first_difference(old, header, keys=("format", "version", "args", "backend")) is None:
         old = header  # more images than the state file's: continue it under this run's header

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from arqc.base import ArqcError, atomic_write, first_difference
-from arqc.passes.meta import SEMANTICS, semantics_error
+from arqc.passes.meta import SEMANTICS, check_semantics
 from arqc.passes.policy import Policy, policy_to_json
 from arqc.passes.search.agent import DDPG, DDPGConfig
 from arqc.passes.search.budget import bitops, enforce_budget, fp32_bitops
@@ -42,9 +42,7 @@ def _load_state(state_path: Path | None, signature: dict) -> dict | None:
     if state_path is None or not state_path.exists():
         return None
     state = torch.load(state_path, map_location="cpu", weights_only=True)
-    found = (state.get("signature") or {}).get("semantics", 1)
-    if found != SEMANTICS:
-        raise ArqcError(semantics_error(f"search state {state_path}", found))
+    check_semantics((state.get("signature") or {}).get("semantics"), f"search state {state_path}")
     key = first_difference(state.get("signature") or {}, signature)
     if key is not None:
         raise ArqcError(f"{state_path} belongs to a search with other arguments (they differ in '{key}'); use the "
