@@ -3,7 +3,8 @@
 Every node is emitted by its registry entry (passes/ops/); quantizable layers get
 - input:  [float Clip to the b-bit grid's range, when b < 8] → QuantizeLinear → DequantizeLinear (per tensor,
   uint8 container); an input that already lies on the layer's 8-bit grid (a_bits = 8 after a requant node)
-  is that grid's DequantizeLinear;
+  is that grid's DequantizeLinear, and one on an 8-bit grid below 8 bits goes Add(x, 0) → QuantizeLinear
+  [→ integer Clip] → DequantizeLinear, which onnxruntime runs as one QLinearAdd;
 - weight: integers already rounded and clamped to the b-bit range, in an 8-bit container (or a native INT4
   container for b ≤ 4 when asked) → DequantizeLinear (per output channel);
 - bias:   int32 → DequantizeLinear with scale s_x·s_w when input and weight are quantized, else float.
@@ -114,20 +115,26 @@ class OnnxBuilder:
         g = self.grids.get(x)
         if g is None:
             return x
-        if g.q is None:  # an op that keeps the grid came in between: the same parameters give the integers back
-            q = self.op("QuantizeLinear", [x, g.scale, g.zero], f"{x}_q")
-            return self.op("DequantizeLinear", [q, g.scale, g.zero], f"{x}_dq")
         if g.spare:
             g.spare = False
             return x
-        return self.op("DequantizeLinear", [g.q, g.scale, g.zero], f"{x}_dq")
+        q = g.q
+        if q is None:  # an op that keeps the grid came in between: the same parameters give the integers back
+            q = self.op("QuantizeLinear", [x, g.scale, g.zero], f"{x}_q")
+        dq = self.op("DequantizeLinear", [q, g.scale, g.zero], f"{x}_dq")
+        self.grids[dq] = _Grid(g.scale, g.zero, q)
+        return dq
 
     def quantize_activation(self, x: str, act: ActQuant, name: str) -> str:
         """A layer's input quantizer: [Clip] → QuantizeLinear → DequantizeLinear. Below 8 bits the container
         saturates at 8 bits only, so a float Clip to the b-bit grid's real range [(qmin - z)·s, (qmax - z)·s]
         comes first: exact, since x/s at a clamp bound is within float32 rounding of qmin - z or qmax - z and
         rounds to it. In front of QuantizeLinear it stays layout-agnostic (an integer Clip after it made
-        onnxruntime wrap every layer in Transposes, and for signed grids kept the conv float)."""
+        onnxruntime wrap every layer in Transposes, and for signed grids kept the conv float). An input on an
+        8-bit grid is requantized by an integer kernel instead (:meth:`_requantize_grid`)."""
+        g = self.grids.get(x)
+        if act.bits < 8 and g is not None and g.q is not None:
+            return self._requantize_grid(x, g, act, name)
         scale, zero = self._act_params(act, f"{name}_x")
         if act.bits < 8:
             low, high = (np.float32(act.scale) * np.float32(v - act.zero_point) for v in (act.qmin, act.qmax))
@@ -135,6 +142,37 @@ class OnnxBuilder:
                         f"{name}_x_clip")
         q = self.op("QuantizeLinear", [x, scale, zero], f"{name}_x_q")
         return self.op("DequantizeLinear", [q, scale, zero], f"{name}_x_dq")
+
+    def _requantize_grid(self, x: str, g: _Grid, act: ActQuant, name: str) -> str:
+        """``x``, the DequantizeLinear output of an 8-bit grid, on the b-bit grid ``act`` (b < 8) of a layer's
+        input: Add(x, 0) → QuantizeLinear [→ integer Clip] → DequantizeLinear. In the QDQ graph as written the
+        add of a dequantized zero is exact and the Clip after QuantizeLinear equals the float Clip before it,
+        so this is the function of the float path; onnxruntime fuses DQ → Add → Q into one QLinearAdd on the
+        integers, where DQ → Clip → Q ran three float passes over the tensor (the 1.5625 % ResNet-20 policy
+        went from 0.84x to 0.99-1.07x of W8A8 in bench/lowering.py).
+        - Ties: QLinearAdd rounds x/s + z half to even, QuantizeLinear x/s. They agree when z is even, so an odd
+          container zero point is moved by one, with the same real values: DequantizeLinear subtracts it again,
+          and the b-bit range (at most 128 codes) stays inside the container, away from its saturation.
+        - The Clip to the b-bit range is left out when no code of the 8-bit grid, dequantized in float32 and
+          divided by the b-bit scale, comes within 1e-3 of rounding outside the range (unsigned grids with zero
+          point 0 on both sides, as after every ReLU, never do): then it could never change a value."""
+        s8 = np.float32(numpy_helper.to_array(self.initializers[g.scale]))
+        z8 = numpy_helper.to_array(self.initializers[g.zero]).astype(np.float32)
+        index = (s8 * (np.arange(256, dtype=np.float32) - z8)).astype(np.float64) / np.float32(act.scale)
+        low, high = act.qmin - act.zero_point, act.qmax - act.zero_point
+        clip = index.min() < low - 0.5 + 1e-3 or index.max() > high + 0.5 - 1e-3
+        zero = act.zero_point + (128 if act.signed else 0)
+        zero -= zero % 2  # signed: at least 128 - 64 - 1 after the move, so the b-bit codes stay in 0..255
+        scale = self.const(np.float32(act.scale), f"{name}_x_scale")
+        zero_point = self.const(np.uint8(zero), f"{name}_x_zero_point")
+        nothing = self.const(np.uint8(0), f"{name}_x_zero")
+        added = self.op("Add", [x, self.op("DequantizeLinear", [nothing, g.scale, nothing], f"{name}_x_zero_dq")],
+                        f"{name}_x_requant")
+        q = self.op("QuantizeLinear", [added, scale, zero_point], f"{name}_x_q")
+        if clip:
+            codes = [self.const(np.uint8(zero + v), f"{name}_x_{end}") for v, end in ((low, "min"), (high, "max"))]
+            q = self.op("Clip", [q, *codes], f"{name}_x_clip")
+        return self.op("DequantizeLinear", [q, scale, zero_point], f"{name}_x_dq")
 
     def layer_operands(self, node: torch.fx.Node, x: str) -> tuple[str, str, str | None]:
         """Names of the (dequantized) input, weight and bias of a conv/linear layer."""

@@ -305,15 +305,20 @@ def test_even_zero_points_stay_on_the_grid():
 def test_enable_all_runs_integer_kernels(resnet20_case, policy, tmp_path):
     """The kernel census of the deployed model: at every policy each conv runs as QLinearConv, the classifier
     as QGemm, each residual add as QLinearAdd and the average pool as QLinearGlobalAveragePool; no float Conv,
-    Gemm, MatMul or Add is left."""
-    _, model, _, _ = compiled(resnet20_case, policy, "float")
+    Gemm, MatMul or Add is left. Each sub-8-bit input read from an 8-bit grid is one more QLinearAdd, and
+    nothing of it runs in float: as many DequantizeLinear and Clip as at W8A8 plus the first layer's Clip."""
+    sim, model, _, _ = compiled(resnet20_case, policy, "float")
     path = tmp_path / "optimized.onnx"
     session(model, "all", path)
     ops = [n.op_type for n in onnx.load(path).graph.node]
-    print(f"{policy} ORT_ENABLE_ALL: {sorted(set(ops))}")
+    print(f"{policy} ORT_ENABLE_ALL: { {op: ops.count(op) for op in sorted(set(ops))} }")
+    a_bits = [sim.get_submodule(n.target).a_bits for n in quantizable_nodes(sim)]
     assert ops.count("QLinearConv") == 19 and ops.count("QGemm") == 1
-    assert ops.count("QLinearAdd") == 9 and ops.count("QLinearGlobalAveragePool") == 1
+    assert ops.count("QLinearAdd") == 9 + sum(b < 8 for b in a_bits[1:])  # all but the first read a grid
+    assert ops.count("QLinearGlobalAveragePool") == 1
     assert not {"Conv", "FusedConv", "Gemm", "MatMul", "Add", "GlobalAveragePool"} & set(ops)
+    assert ops.count("DequantizeLinear") == 2  # the shortcuts' zero channels (Pad), as at W8A8
+    assert ops.count("Clip") == (a_bits[0] < 8)  # the image is float: a float Clip before its QuantizeLinear
 
 
 def test_mobilenet_v2_runs_integer_kernels_only(mobilenet_case, tmp_path):
