@@ -2,7 +2,8 @@
 
 The model's normalization lives inside the model. Backends run inputs in chunks of at most
 ``batch_size`` rows. Adding a backend is one subclass of ``Backend`` that implements ``_run``
-(one chunk) and ``fingerprint``.
+(one chunk) and ``fingerprint``. ONNX models run in onnxruntime or OpenVINO (``RUNTIMES``): the same file,
+certified in the runtime it is deployed to.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import abc
 import copy
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ class Backend(abc.ABC):
     """A classifier that can be queried on numpy batches; ``name`` says which executor runs it."""
 
     name: str
+    runtime: str  # the executor in words (version, settings): what a certificate computed here holds for
     batch_size: int
 
     def __init__(self, batch_size: int) -> None:
@@ -77,6 +80,7 @@ class TorchBackend(Backend):
         if any(t.device != self.device for t in [*module.parameters(), *module.buffers()]):
             module = copy.deepcopy(module).to(self.device)
         self.module = module.eval()
+        self.runtime = f"torch {torch.__version__} ({self.device})"
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -141,6 +145,7 @@ class OrtBackend(Backend):
         if self.fixed_batch is not None:
             self.batch_size = self.fixed_batch
         self._digest = hashlib.sha256(self.model_bytes).hexdigest()
+        self.runtime = f"onnxruntime {ort.__version__} (CPUExecutionProvider, {opt_level})"
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         rows = len(x)
@@ -151,6 +156,92 @@ class OrtBackend(Backend):
     def fingerprint(self) -> str:
         """sha256 of the serialized model file."""
         return self._digest
+
+    def io_shapes(self) -> tuple[list, list]:
+        """The shapes of the model's inputs and outputs (None for a dynamic dim)."""
+        def dims(arg):
+            return [d if isinstance(d, int) and d > 0 else None for d in (arg.shape or [])]
+        return [dims(a) for a in self.session.get_inputs()], [dims(a) for a in self.session.get_outputs()]
+
+
+class OpenVinoBackend(Backend):
+    """An ONNX model run by OpenVINO on its CPU plugin (optional extra ``arqc[openvino]``).
+
+    The model is read from memory and compiled once, with float32 inference precision (no bf16 downcast of
+    the float parts on CPUs that have it) and ``threads`` inference threads; chunks are streamed through one
+    infer request (a fixed batch dimension is handled by padding the last chunk). The fingerprint covers the
+    model bytes, the OpenVINO version, the CPU and those settings: the function a certificate holds for is the
+    file as this runtime computes it.
+    """
+
+    name = "openvino"
+
+    def __init__(self, model: str | Path | bytes | onnx.ModelProto, batch_size: int = 400,
+                 threads: int | None = None) -> None:
+        super().__init__(batch_size)
+        ov = openvino_module()
+        self.model_bytes = _model_bytes(model)
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": "f32"}
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = core.compile_model(core.read_model(self.model_bytes, b""), "CPU", config)
+        except Exception as e:  # OpenVINO raises RuntimeError with a long multi-line message
+            raise ArqcError(f"OpenVINO cannot load the model ({str(e).strip().splitlines()[0]}); "
+                            "check that it is a valid ONNX file") from e
+        self.request = self.compiled.create_infer_request()
+        first = self.compiled.inputs[0].get_partial_shape()
+        self.fixed_batch = first[0].get_length() if first.rank.is_static and first[0].is_static else None
+        if self.fixed_batch is not None:
+            self.batch_size = self.fixed_batch
+        self.cpu = core.get_property("CPU", "FULL_DEVICE_NAME")
+        self.version = ov.get_version()
+        self.runtime = f"openvino {self.version} (CPU plugin: {self.cpu})"
+        h = hashlib.sha256(self.model_bytes)
+        h.update(json.dumps({"runtime": "openvino", "version": self.version, "cpu": self.cpu,
+                             "precision": "f32"}).encode())
+        self._digest = h.hexdigest()
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        rows = len(x)
+        if self.fixed_batch is not None and rows < self.fixed_batch:  # a fixed batch dimension: pad the last chunk
+            x = np.concatenate([x, np.zeros((self.fixed_batch - rows, *x.shape[1:]), np.float32)])
+        result = self.request.infer({0: x})
+        return np.array(result[self.compiled.outputs[0]][:rows], dtype=np.float32, copy=True)
+
+    def fingerprint(self) -> str:
+        """sha256 of the model bytes, the OpenVINO version, the CPU and the inference settings."""
+        return self._digest
+
+    def io_shapes(self) -> tuple[list, list]:
+        """The shapes of the model's inputs and outputs (None for a dynamic dim)."""
+        def dims(port):
+            return [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
+        return [dims(p) for p in self.compiled.inputs], [dims(p) for p in self.compiled.outputs]
+
+
+def openvino_module():
+    """The openvino package, or a one-line ArqcError saying how to install it."""
+    try:
+        import openvino
+    except ImportError:
+        raise ArqcError("OpenVINO is not installed; install the extra with pip install 'arqc[openvino]'") from None
+    return openvino
+
+
+# The runtimes an ONNX model can be certified in: their --runtime / --backend names and classes.
+RUNTIMES = {"onnxruntime": OrtBackend, "openvino": OpenVinoBackend}
+
+
+def runtime_backend(runtime: str, model: str | Path | bytes | onnx.ModelProto, batch_size: int = 400,
+                    threads: int | None = None, ort_opt: str = "all") -> OrtBackend | OpenVinoBackend:
+    """The backend of an ONNX model in ``runtime`` (onnxruntime at ``ort_opt``, or openvino)."""
+    if runtime == "onnxruntime":
+        return OrtBackend(model, batch_size=batch_size, opt_level=ort_opt, intra_op_threads=threads)
+    if runtime == "openvino":
+        return OpenVinoBackend(model, batch_size=batch_size, threads=threads)
+    raise ArqcError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
 
 
 def _model_bytes(model: str | Path | bytes | onnx.ModelProto) -> bytes:
@@ -177,13 +268,18 @@ def make_backend(model: torch.nn.Module | str | Path | bytes | onnx.ModelProto, 
 
 class ComparingBackend(Backend):
     """Runs ``primary`` (whose logits it returns) and ``reference`` on the same batches, counting the rows
-    whose top classes differ: the per-sample agreement of two models on identical noise."""
+    whose top classes differ: the per-sample agreement of two models on identical noise. ``label`` names the
+    reference in reports; a ComparingBackend can be the primary of another (two references)."""
 
-    def __init__(self, primary: Backend, reference: Backend) -> None:
+    def __init__(self, primary: Backend, reference: Backend, label: str = "torch simulation") -> None:
         super().__init__(primary.batch_size)
-        self.primary, self.reference = primary, reference
+        self.primary, self.reference, self.label = primary, reference, label
         self.name = primary.name
         self.samples = self.disagreements = 0
+
+    @property
+    def runtime(self) -> str:
+        return getattr(self.primary, "runtime", self.primary.name)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         logits = self.primary.logits(x)

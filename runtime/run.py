@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from arqc.base import ArqcError, first_difference
+from arqc.base import ArqcError, Log, first_difference, quiet
 from arqc.passes.meta import SEMANTICS, check_semantics
-from arqc.runtime.backends import Backend, ComparingBackend
+from arqc.runtime.backends import Backend, ComparingBackend, TorchBackend, runtime_backend
 from arqc.runtime.irs import DEFAULT_GAMMA, certify_incremental
 from arqc.runtime.irs_cache import IrsCache
 from arqc.runtime.metrics import DEFAULT_RADII, summarize
@@ -255,16 +255,48 @@ def format_table(result: CertifyResult) -> str:
     return "\n".join(lines)
 
 
+def deployed_backend(onnx_bytes: bytes, runtime: str, reference: Backend | None = None,
+                     compare_runtime: str | None = None, batch: int = 400) -> tuple[Backend, list[ComparingBackend]]:
+    """The backend that certifies an ONNX model in ``runtime`` (the runtime it is deployed to; onnxruntime at
+    ENABLE_ALL), wrapped to count per-sample disagreements with ``reference`` (the torch simulation) and with
+    ``compare_runtime``; also returns those comparisons, for :func:`check_comparisons`."""
+    backend: Backend = runtime_backend(runtime, onnx_bytes, batch_size=batch)
+    comparisons = []
+    if reference is not None:
+        backend = ComparingBackend(backend, reference)
+        comparisons.append(backend)
+    if compare_runtime is not None:
+        other = runtime_backend(compare_runtime, onnx_bytes, batch_size=batch)
+        backend = ComparingBackend(backend, other, label=other.runtime)
+        comparisons.append(backend)
+    return backend, comparisons
+
+
+def check_comparisons(comparisons: list[ComparingBackend], alpha: float, max_disagreement: float,
+                      log: Log = quiet) -> dict:
+    """{"verification": against the torch simulation, "runtime_comparison": against another runtime} (each
+    None when not asked), logged with rates and Clopper–Pearson bounds; ArqcError above ``max_disagreement``."""
+    out = {"verification": None, "runtime_comparison": None}
+    for cb in comparisons:
+        k, total = cb.disagreements, cb.samples
+        log(f"{cb.runtime} vs {cb.label}: {k} of {total} noisy samples disagree (rate {k / max(total, 1):.2e}, "
+            f"{100 * (1 - alpha):g}% Clopper-Pearson upper bound {upper_confidence_bound(k, total, alpha):.2e}; "
+            f"allowed {max_disagreement})")
+        key = "verification" if isinstance(cb.reference, TorchBackend) else "runtime_comparison"
+        out[key] = check_disagreement(cb, alpha, max_disagreement)
+    return out
+
+
 def check_disagreement(backend: ComparingBackend, alpha: float, max_disagreement: float) -> dict:
     """How often the primary and reference models of ``backend`` disagreed on the same noisy samples, with
     the one-sided Clopper–Pearson upper bound at level α; ArqcError when the rate exceeds ``max_disagreement``."""
     k, total = backend.disagreements, backend.samples
     rate = k / total if total else 0.0
-    report = {"reference": "torch simulation", "samples": total, "disagreements": k, "rate": rate,
-              "upper_bound": upper_confidence_bound(k, total, alpha) if total else 1.0, "alpha": alpha,
+    report = {"runtime": backend.runtime, "reference": backend.label, "samples": total, "disagreements": k,
+              "rate": rate, "upper_bound": upper_confidence_bound(k, total, alpha) if total else 1.0, "alpha": alpha,
               "max_disagreement": max_disagreement, "passed": rate <= max_disagreement}
     if not report["passed"]:
-        raise ArqcError(f"the ONNX model disagrees with the torch simulation on {k} of {total} noisy samples "
-                        f"(rate {rate:.4f} > --max-disagreement {max_disagreement}); nothing written. "
-                        "Try --scales po2 (bit-exact across backends) or a higher precision")
+        raise ArqcError(f"the ONNX model in {backend.name} disagrees with the {backend.label} on {k} of {total} "
+                        f"noisy samples (rate {rate:.4f} > --max-disagreement {max_disagreement}); nothing "
+                        "written. Try --scales po2 (bit-exact across backends) or a higher precision")
     return report
