@@ -64,8 +64,9 @@ def compile(model: Model, images: Images | None = None, *, arch: str | None = No
     BitOps, e.g. 0.015625), at the precision an ARQ search finds (``search``: the search's options; it needs
     ``certify`` and ``test_images`` and keeps its stages in ``workdir``). ``images`` are clean training images
     for calibration (and for the search); activation ranges are calibrated with noise ``calib_sigma``, by
-    default ``certify.sigma``. With ``certify``, the ONNX model is certified in onnxruntime on
-    ``test_images`` (and, with ``certify.verify``, compared with the torch simulation) before it is returned;
+    default ``certify.sigma``. With ``certify``, the ONNX model is certified in ``certify.runtime``
+    (onnxruntime or openvino) on ``test_images`` (and, with ``certify.verify``, compared with the torch
+    simulation, with ``certify.compare_runtime`` with a second runtime) before it is returned;
     with ``epsilon``, it is also certified with sound interval bounds at that L∞ radius on ``test_images``. The
     certificates go into the report and into the model's metadata."""
     calib_sigma = (certify.sigma if certify is not None else 0.0) if calib_sigma is None else calib_sigma
@@ -106,8 +107,9 @@ def certify(model: Model, images: Images, *, sigma: float, n: int | None = None,
             progress: bool = False, log: Log = quiet) -> CertifyResult:
     """Certify the smoothed ``model`` (Cohen et al.'s CERTIFY, DESIGN §3) on every ``skip``-th of ``images``
     (at most ``num_images``) at noise σ: n estimation and n0 selection samples per image, failure probability
-    α (defaults: 100,000 / 100 / 0.001, or an IRS cache's). ``.onnx`` files run in onnxruntime; other models
-    in torch, or with ``backend="ort"`` lowered at FP32 to onnxruntime. With ``state_path`` the run resumes."""
+    α (defaults: 100,000 / 100 / 0.001, or an IRS cache's). ``.onnx`` files run in onnxruntime, or in OpenVINO
+    with ``backend="openvino"``; other models in torch, or with ``backend="ort"``/``"openvino"`` lowered at FP32
+    to that runtime. With ``state_path`` the run resumes."""
     n, n0, alpha, seed = resolve_args(sigma=sigma, n=n, n0=n0, alpha=alpha, seed=seed, batch=batch, threads=threads,
                                       irs_cache=irs_cache, save_irs_cache=save_irs_cache,
                                       resumable=state_path is not None)

@@ -15,6 +15,7 @@ from a fresh CERTIFY (other seeds) of the ONNX model in onnxruntime on test imag
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, replace
@@ -40,11 +41,11 @@ from arqc.passes.search.loop import ddpg_search, random_search
 from arqc.pipeline import PreparedModel, model_identity, quantize, to_onnx
 from arqc.qat import finetune
 from arqc.rewards import AccuracyReward, CertifiedReward
-from arqc.runtime.backends import ComparingBackend, OrtBackend, TorchBackend
+from arqc.runtime.backends import OrtBackend, TorchBackend
 from arqc.runtime.devices import resolve_device
 from arqc.runtime.irs import build_cache, load_cache
-from arqc.runtime.run import CertifyResult, certify_dataset, check_disagreement
-from arqc.settings import CompileSettings, SearchSettings
+from arqc.runtime.run import CertifyResult, certify_dataset, check_comparisons, deployed_backend
+from arqc.settings import CertifySettings, CompileSettings, SearchSettings
 
 TEST_SEED_OFFSET = 7919  # final certificates use other seeds than anything in the search
 
@@ -212,13 +213,15 @@ class Run:
                                  "timings_s": dict(self.timings)})
         return policy, episodes
 
-    def run(self, settings: CompileSettings, verify: bool = False,
-            max_disagreement: float = 1.0) -> tuple[onnx.ModelProto, dict, torch.fx.GraphModule]:
+    def run(self, settings: CompileSettings, check: CertifySettings | None = None
+            ) -> tuple[onnx.ModelProto, dict, torch.fx.GraphModule]:
         """All stages; returns the ONNX model (with the report and the L2 certificate in its metadata), the report
-        and the fine-tuned simulation the model was lowered from. With
-        ``verify``, onnxruntime and the torch simulation run on the same noisy samples of the final
-        certification and their disagreement rate goes into the report (refused above ``max_disagreement``)."""
+        and the fine-tuned simulation the model was lowered from. The final certificate is computed in
+        ``check.runtime`` (onnxruntime by default); with ``check.verify`` that runtime and the torch simulation
+        run on the same noisy samples and their disagreement rate goes into the report (with
+        ``check.compare_runtime`` also that of a second runtime), refused above ``check.max_disagreement``."""
         s = self.s
+        check = check or CertifySettings(sigma=s.sigma, n=s.n, n0=s.n0, alpha=s.alpha)
         policy, episodes = self.policy()
         sim = self.make_sim(policy)
         ft = self.finetune_set
@@ -226,9 +229,9 @@ class Run:
                                             seed=s.seed, state_path=self.dir / "qat.pt", progress=self.progress,
                                             augmentation=s.finetune_augment, device=self.device))
         model = to_onnx(sim, replace(settings, search=asdict(s)))
-        backend = OrtBackend(model.SerializeToString(), batch_size=s.batch_size)
-        if verify:
-            backend = ComparingBackend(backend, TorchBackend(sim, batch_size=s.batch_size, device=self.device))
+        data = model.SerializeToString()
+        reference = TorchBackend(sim, batch_size=s.batch_size, device=self.device) if check.verify else None
+        backend, comparisons = deployed_backend(data, check.runtime, reference, check.compare_runtime, s.batch_size)
         quantized = self._timed("certify onnx", lambda: self.certify(backend, self.dir / "certify_quantized.jsonl"))
         self.fp32_dir.mkdir(parents=True, exist_ok=True)
         fp32 = self._timed("certify fp32", lambda: self.certify(
@@ -236,18 +239,24 @@ class Run:
             self.fp32_dir / "certify_fp32.jsonl"))
         apply_policy(self.prep.gm, policy)
         report = build_report(s, policy, profile(self.prep.gm), quantized, fp32, episodes, self.timings)
-        if verify:
-            report["verification"] = check_disagreement(backend, s.alpha, max_disagreement)
+        report["certification"]["runtime"] = backend.runtime
+        checked = check_comparisons(comparisons, check.alpha, check.max_disagreement)
+        if checked["verification"] is not None:
+            report["verification"] = checked["verification"]
+        if checked["runtime_comparison"] is not None:
+            report["runtime_comparison"] = checked["runtime_comparison"]
         quantized.data = self.test.spec
-        attach(model, {"arqc.certificate_l2": l2_certificate(quantized), "arqc.report": report})
+        attach(model, {"arqc.certificate_l2": l2_certificate(quantized, backend.runtime, data),
+                       "arqc.report": report})
         return model, report, sim
 
 
-def l2_certificate(result: CertifyResult) -> dict:
+def l2_certificate(result: CertifyResult, runtime: str, model: bytes) -> dict:
     """What the ONNX metadata carries of a randomized-smoothing certificate: the settings, the data, the backend
-    (its fingerprint is the sha256 of the certified bytes) and the summary; the per-point records and timings stay
-    in the certification's JSON."""
-    return {"kind": "L2, randomized smoothing",
+    and ``runtime`` it was computed in (the certificate holds for the file as that runtime computes it), the
+    sha256 of the certified ``model`` bytes and the summary; the per-point records and timings stay in the
+    certification's JSON."""
+    return {"kind": "L2, randomized smoothing", "runtime": runtime, "model_sha256": hashlib.sha256(model).hexdigest(),
             **{k: v for k, v in result.to_json().items() if k not in ("points", "time_per_point_s")}}
 
 

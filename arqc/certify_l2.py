@@ -6,8 +6,10 @@ Models and backends
   captured to arqc's graph (BatchNorm folded). ``--backend torch`` (the default) runs that graph in PyTorch;
   ``--backend ort`` first lowers it at FP32 with arqc's own lowering (every layer at 32 bits, the path
   ``arqc compile`` takes) and runs the ONNX model in onnxruntime.
-- ``.onnx`` files run in onnxruntime (``--ort-opt``, default ``all``: the level a deployment uses). They must
-  take float32 [B, C, H, W] pixels in [0, 1] and normalize inside, as arqc's lowered models do.
+- ``.onnx`` files run in onnxruntime (``--ort-opt``, default ``all``: the level a deployment uses) or, with
+  ``--backend openvino``, in OpenVINO's CPU plugin: a certificate holds for the file as the runtime that
+  computed it runs it, so certify in the runtime you deploy to. They must take float32 [B, C, H, W] pixels in
+  [0, 1] and normalize inside, as arqc's lowered models do.
 - Noise is added to the [0, 1] pixels, before the model's normalization (Cohen et al.); σ and the radii are
   in those units. A point's noise depends only on ``--seed`` and the image id, so every backend sees the
   same samples.
@@ -47,11 +49,11 @@ from arqc.data import ImageSet, check_compatible
 from arqc.passes.lower import read_metadata
 from arqc.passes.policy import uniform
 from arqc.pipeline import model_identity, prepare_model, quantize, to_onnx
-from arqc.runtime.backends import Backend, ComparingBackend, OrtBackend, TorchBackend
+from arqc.runtime.backends import Backend, OpenVinoBackend, OrtBackend, TorchBackend, runtime_backend
 from arqc.runtime.irs import build_cache, load_cache
 from arqc.runtime.irs_cache import IrsCache, image_digest
-from arqc.runtime.run import CertifyResult, certify_dataset, check_disagreement, format_table
-from arqc.runtime.smoothing import ABSTAIN, upper_confidence_bound
+from arqc.runtime.run import CertifyResult, certify_dataset, check_comparisons, deployed_backend, format_table
+from arqc.runtime.smoothing import ABSTAIN
 from arqc.settings import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, CertifySettings, check_smoothing_args
 
 
@@ -69,24 +71,26 @@ class LoadedBackend:
 def load_backend(model: str | torch.nn.Module, backend: str | None = None, arch: str | None = None,
                  trust_pickle: bool = False, input_shape=None, batch: int = 400, ort_opt: str = "all",
                  threads: int | None = None) -> LoadedBackend:
-    """The backend that runs MODEL: torch for checkpoints (or ORT on their FP32 lowering), ORT for .onnx."""
+    """The backend that runs MODEL: torch for checkpoints (or onnxruntime/OpenVINO on their FP32 lowering),
+    onnxruntime (``backend`` "ort", the default) or OpenVINO (``backend`` "openvino") for .onnx."""
+    runtime = "openvino" if backend == "openvino" else "onnxruntime"
     if isinstance(model, str) and model.endswith(".onnx"):
         if backend == "torch":
-            raise ArqcError(f"{model} is an ONNX model and runs in onnxruntime; drop --backend torch "
+            raise ArqcError(f"{model} is an ONNX model and runs in onnxruntime or OpenVINO; drop --backend torch "
                             "(or certify the .pt checkpoint it came from)")
         if not Path(model).is_file():
             raise ArqcError(f"model file {model} does not exist; check the path")
-        ort_backend = OrtBackend(model, batch_size=batch, opt_level=ort_opt, intra_op_threads=threads)
-        shape, classes = _onnx_io(ort_backend)
+        run = runtime_backend(runtime, model, batch_size=batch, threads=threads, ort_opt=ort_opt)
+        shape, classes = _onnx_io(run)
         base = _onnx_settings(model).get("base_fingerprint")
-        own = ort_backend.fingerprint()
-        return LoadedBackend(ort_backend, shape, classes, base or own, base is not None)
+        own = run.fingerprint()
+        return LoadedBackend(run, shape, classes, base or own, base is not None)
     prep = prepare_model(model, arch, trust_pickle, input_shape)
     root = model_identity(prep.gm)
-    if backend == "ort":
+    if backend in ("ort", "openvino"):
         sim = quantize(prep, uniform(prep.gm, 32, 32), None)
-        run = OrtBackend(to_onnx(sim, prep.settings(purpose="certify")), batch_size=batch, opt_level=ort_opt,
-                         intra_op_threads=threads)
+        run = runtime_backend(runtime, to_onnx(sim, prep.settings(purpose="certify")), batch_size=batch,
+                              threads=threads, ort_opt=ort_opt)
     else:
         if threads is not None:
             torch.set_num_threads(threads)
@@ -94,15 +98,14 @@ def load_backend(model: str | torch.nn.Module, backend: str | None = None, arch:
     return LoadedBackend(run, prep.input_shape, prep.loaded.num_classes, root, True)
 
 
-def _onnx_io(backend: OrtBackend) -> tuple[tuple, int | None]:
+def _onnx_io(backend: OrtBackend | OpenVinoBackend) -> tuple[tuple, int | None]:
     """(C, H, W) of the input (None for a dynamic dim) and the number of classes (None when dynamic)."""
-    inputs, outputs = backend.session.get_inputs(), backend.session.get_outputs()
-    if len(inputs) != 1 or len(inputs[0].shape) != 4:
-        raise ArqcError(f"the ONNX model takes {len(inputs)} input(s) of shape {inputs[0].shape}; arqc "
+    inputs, outputs = backend.io_shapes()
+    if len(inputs) != 1 or len(inputs[0]) != 4:
+        raise ArqcError(f"the ONNX model takes {len(inputs)} input(s) of shape {inputs[0]}; arqc "
                         "certifies classifiers with one image input [B, C, H, W]")
-    shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape[1:])
-    last = outputs[0].shape[-1] if outputs[0].shape else None
-    return shape, last if isinstance(last, int) and last > 0 else None
+    last = outputs[0][-1] if outputs[0] else None
+    return tuple(inputs[0][1:]), last
 
 
 def _onnx_settings(path: str) -> dict:
@@ -258,25 +261,21 @@ def _resumable(backend: Backend, x, y, ids, state_path: Path | None, args: dict,
 
 def certify_onnx(onnx_bytes: bytes, reference: Backend | None, images: ImageSet, check: CertifySettings, *,
                  batch: int = 400, progress: bool = True, log: Log = quiet) -> dict:
-    """The ONNX model's certificate in onnxruntime at ENABLE_ALL (the deployment level) on ``images``; with
-    a ``reference`` (the torch simulation) also the rate at which the two disagree on the same noisy
-    samples, refused (ArqcError) above ``check.max_disagreement``.
-    Returns {"certificate": CertifyResult, "disagreement": dict or None}."""
-    backend: Backend = OrtBackend(onnx_bytes, batch_size=batch, opt_level="all")
-    if reference is not None:
-        backend = ComparingBackend(backend, reference)
+    """The ONNX model's certificate in ``check.runtime`` (onnxruntime at ENABLE_ALL, the deployment level, or
+    OpenVINO) on ``images``; with a ``reference`` (the torch simulation), and with ``check.compare_runtime``,
+    also the rates at which they disagree on the same noisy samples, refused (ArqcError) above
+    ``check.max_disagreement``.
+    Returns {"certificate": CertifyResult, "runtime": str, "disagreement": dict or None,
+    "runtime_comparison": dict or None}."""
+    backend, comparisons = deployed_backend(onnx_bytes, check.runtime, reference, check.compare_runtime, batch)
     c = check
     x, y, ids = images.x.numpy(), [int(v) for v in images.y], [int(i) for i in images.ids]
-    log(f"certifying the ONNX model in onnxruntime (ENABLE_ALL) on {len(ids)} images of "
+    log(f"certifying the ONNX model in {backend.runtime} on {len(ids)} images of "
         f"{images.spec}: sigma={c.sigma} n={c.n} n0={c.n0} alpha={c.alpha} seed={c.seed}")
     certificate = certify_dataset(backend, x, y, ids, sigma=c.sigma, n0=c.n0, n=c.n, alpha=c.alpha,
                                   batch_size=batch, seed=c.seed, progress=progress)
     certificate.data = images.spec
     log(format_table(certificate))
-    if reference is None:
-        return {"certificate": certificate, "disagreement": None}
-    k, total = backend.disagreements, backend.samples
-    log(f"torch simulation vs onnxruntime: {k} of {total} noisy samples disagree (rate "
-        f"{k / max(total, 1):.2e}, {100 * (1 - c.alpha):g}% Clopper-Pearson upper bound "
-        f"{upper_confidence_bound(k, total, c.alpha):.2e}; allowed {c.max_disagreement})")
-    return {"certificate": certificate, "disagreement": check_disagreement(backend, c.alpha, c.max_disagreement)}
+    checked = check_comparisons(comparisons, c.alpha, c.max_disagreement, log)
+    return {"certificate": certificate, "runtime": backend.runtime, "disagreement": checked["verification"],
+            "runtime_comparison": checked["runtime_comparison"]}

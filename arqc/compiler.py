@@ -88,7 +88,7 @@ def compile_fixed(prep: PreparedModel, policy: Policy, calibration: ImageSet | N
         cert = certified["certificate"]
         report |= {"certified_accuracy": cert.certified_accuracy, "acr": cert.acr, **certified,
                    "certificate": cert.to_json()}
-        certificates["arqc.certificate_l2"] = l2_certificate(cert)
+        certificates["arqc.certificate_l2"] = l2_certificate(cert, certified["runtime"], data)
     if epsilon is not None:
         report["linf"] = certificates["arqc.certificate_linf"] = linf_certificate(sim, data, test_images, epsilon,
                                                                                   log)
@@ -131,7 +131,7 @@ def compile_searched(prep: PreparedModel, train: ImageSet, test: ImageSet, searc
     run = Run(prep, train, test, settings, Path(workdir), resume, progress=progress, finetune=finetune)
     meta = prep.settings(scales=scales, calibration_data=train.spec, calibration_images=calib_images,
                          sigma=check.sigma, finetune_data=(finetune or train).spec)
-    model, report, sim = run.run(meta, verify=check.verify, max_disagreement=check.max_disagreement)
+    model, report, sim = run.run(meta, check)
     if epsilon is not None:
         report["linf"] = linf_certificate(sim, certified_bytes(model), run.test_set, epsilon, log)
         attach(model, {"arqc.certificate_linf": report["linf"], "arqc.report": report})

@@ -31,7 +31,7 @@ def report_from_onnx(path: str) -> dict:
     certificates = {kind: meta[f"arqc.certificate_{kind}"] for kind in ("l2", "linf")
                     if f"arqc.certificate_{kind}" in meta}
     digest = hashlib.sha256(certified_bytes(model)).hexdigest()
-    shas = [c.get("backend_fingerprint") or c.get("model_sha256") for c in certificates.values()]
+    shas = [c.get("model_sha256") or c.get("backend_fingerprint") for c in certificates.values()]
     return {**r, "certificates": certificates, "certified_file": bool(shas) and all(s == digest for s in shas)}
 
 
@@ -44,8 +44,8 @@ def format_certificates(r: dict) -> str:
     if "l2" in certs:
         c = certs["l2"]
         radii = list(c["certified_accuracy"])
-        lines += [f"L2 certificate (randomized smoothing, {c['backend']}) on {c['num_images']} images of "
-                  f"{c.get('data') or 'the test data'}: sigma={c['sigma']} n={c['n']} n0={c['n0']} "
+        lines += [f"L2 certificate (randomized smoothing, {c.get('runtime') or c['backend']}) on {c['num_images']} "
+                  f"images of {c.get('data') or 'the test data'}: sigma={c['sigma']} n={c['n']} n0={c['n0']} "
                   f"alpha={c['alpha']} seed={c['seed']}",
                   "  radius              " + "".join(f"{x:>7}" for x in radii),
                   "  certified accuracy  " + "".join(f"{100 * c['certified_accuracy'][x]:>6.1f}%" for x in radii)
@@ -82,16 +82,18 @@ def format_compile_report(r: dict) -> str:
     head = f"{'':<22}" + "".join(f"r={rad:<7}" for rad in SUMMARY_RADII) + "   ACR"
     lines += [f"method {r['method']}   budget {100 * r['budget']:.3g}% of FP32 BitOps   achieved "
               f"{100 * r['bitops_ratio_fp32']:.3g}%   size {100 * r['size_ratio_fp32']:.3g}% of FP32", "", head]
-    for name, block in (("FP32 (torch)", r["fp32"]), (f"{r['method']} (onnxruntime)", r)):
+    runtime = c.get("runtime", "onnxruntime").split()[0]  # "openvino 2026.4.1 (...)" → "openvino"
+    for name, block in (("FP32 (torch)", r["fp32"]), (f"{r['method']} ({runtime})", r)):
         acc = block["certified_accuracy"]
         lines.append(f"{name:<22}" + "".join(f"{100 * acc[rad]:<9.1f}" for rad in SUMMARY_RADII)
                      + f"{block['acr']:.3f}")
     lines.append(f"certified accuracy (%) on {c['num_images']} test images: sigma={c['sigma']} n={c['n']} "
                  f"n0={c['n0']} alpha={c['alpha']} (fresh seeds, never seen by the search)")
-    if "verification" in r:
-        v = r["verification"]
-        lines.append(f"onnxruntime vs torch simulation: {v.get('disagreements', '?')} of {v.get('samples', '?')} "
-                     "noisy samples disagree")
+    for key in ("verification", "runtime_comparison"):
+        if key in r:
+            v = r[key]
+            lines.append(f"{runtime} vs {v.get('reference', 'torch simulation')}: {v.get('disagreements', '?')} of "
+                         f"{v.get('samples', '?')} noisy samples disagree")
     if "certificates" in r:
         lines += ["", format_certificates(r)]
     return "\n".join(lines)

@@ -72,10 +72,13 @@ class CompileSettings:
 @dataclass(frozen=True)
 class CertifySettings:
     """How ``arqc compile --sigma`` certifies the lowered model on held-out test images (DESIGN §3), and with
-    ``verify`` how far onnxruntime may disagree with the torch simulation on the same noisy samples."""
+    ``verify`` how far the runtime may disagree with the torch simulation (and ``compare_runtime``) on the same
+    noisy samples."""
 
     sigma: float
     verify: bool = False
+    runtime: str = "onnxruntime"  # where the certificate is computed: the runtime the model is deployed to
+    compare_runtime: str | None = None  # a second runtime whose per-sample agreement is measured and checked
     num_images: int = 100
     n: int = 10_000
     n0: int = DEFAULT_N0
@@ -89,6 +92,8 @@ class CertifySettings:
             raise ArqcError(f"--num-images must be >= 1 and --seed >= 0, got {self.num_images} and {self.seed}")
         if not 0 <= self.max_disagreement <= 1:
             raise ArqcError(f"--max-disagreement must lie in [0, 1], got {self.max_disagreement}")
+        if self.compare_runtime is not None and self.compare_runtime == self.runtime:
+            raise ArqcError(f"--compare-runtime {self.compare_runtime} is the --runtime itself; name the other one")
 
 
 @dataclass(frozen=True)

@@ -303,7 +303,8 @@ def test_compile_verify_refuses_a_model_that_disagrees(files, tmp_path, capsys, 
     code, _, err = arqc(capsys, "compile", files["model"], "--bits", "8", "--data", files["data"], "-o",
                         tmp_path / "q.onnx", "--report", tmp_path / "r.json", "--test-data", files["data"],
                         *VERIFY)
-    assert code == 2 and err.splitlines()[-1].startswith("arqc: error: the ONNX model disagrees")
+    assert code == 2 and err.splitlines()[-1].startswith(
+        "arqc: error: the ONNX model in onnxruntime disagrees with the torch simulation")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -44,11 +44,13 @@ def state_path_for(json_path: str | None, state: str | None) -> Path | None:
 @click.option("--batch", type=int, default=400, show_default=True, help="Noisy samples per forward pass.")
 @click.option("--seed", type=int, help="Run seed: a point's noise depends on it and the image id only "
               "[default: 0; with --irs-cache: the cache's, unused].")
-@click.option("--backend", type=click.Choice(["torch", "ort"]),
-              help="torch (default for checkpoints) or ort (onnxruntime; checkpoints are lowered at FP32).")
+@click.option("--backend", type=click.Choice(["torch", "ort", "openvino"]),
+              help="torch (default for checkpoints), ort (onnxruntime, default for .onnx) or openvino (OpenVINO's "
+              "CPU plugin, extra arqc[openvino]); checkpoints are lowered at FP32 for ort and openvino.")
 @click.option("--ort-opt", type=click.Choice(list(OPT_LEVELS)), default="all", show_default=True,
               help="onnxruntime graph optimization level.")
-@click.option("--threads", type=int, help="CPU threads (torch, or onnxruntime's intra-op pool).")
+@click.option("--threads", type=int,
+              help="CPU threads (torch, onnxruntime's intra-op pool, or OpenVINO's inference threads).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--state", "state", type=click.Path(dir_okay=False),
               help="State file for resuming [default: JSON.state beside --json, removed once the JSON is "

@@ -1,5 +1,5 @@
 """``arqc compile``: quantize a model at a fixed precision or under a BitOps budget (the ARQ search), lower it
-to QDQ ONNX, and with --sigma certify the written bytes in onnxruntime first."""
+to QDQ ONNX, and with --sigma certify the written bytes first, in the runtime it is deployed to (--runtime)."""
 
 from __future__ import annotations
 
@@ -82,21 +82,24 @@ def search_options(f):
 @certify_settings_options
 @search_options
 def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bits, policy_path, data,
-             calib_images, scales, int4_weights, report_path, epsilon, calib_sigma, sigma, verify, test_data,
+             calib_images, scales, int4_weights, report_path, epsilon, calib_sigma, sigma, runtime, compare_runtime,
+             verify, test_data,
              num_images, n, n0, alpha, max_disagreement, seed, budget, method, episodes, warmup, demo, search_images,
              cache_n, search_n, lam, finetune_epochs, finetune_data, episode_finetune_epochs, lr, device, workdir,
              resume, html_path):
     """Quantize MODEL and lower it to a QDQ ONNX model: at a fixed precision (--bits, --w-bits/--a-bits,
     --policy), or at the precision an ARQ search finds under a BitOps --budget.
 
-    With --sigma, the ONNX model is certified in onnxruntime (ENABLE_ALL) on --test-data and the certificate
-    goes into the report; with --verify, per-sample predictions of onnxruntime and the torch simulation on the
-    same noise are compared too, and the model is written only if they disagree on at most --max-disagreement
-    of the samples. Activation ranges are calibrated on --data images with noise at --calib-sigma, which
-    defaults to --sigma: the inputs a smoothed classifier's base model sees.
+    With --sigma, the ONNX model is certified in --runtime (onnxruntime at ENABLE_ALL, or OpenVINO's CPU
+    plugin) on --test-data and the certificate goes into the report and the model; with --verify, per-sample
+    predictions of that runtime and the torch simulation on the same noise are compared too (and with
+    --compare-runtime, those of a second runtime), and the model is written only if they disagree on at most
+    --max-disagreement of the samples. Activation ranges are calibrated on --data images with noise at
+    --calib-sigma, which defaults to --sigma: the inputs a smoothed classifier's base model sees.
     """
     check = certify_settings(sigma, verify, test_data, epsilon, num_images=num_images, n=n, n0=n0, alpha=alpha,
-                             max_disagreement=max_disagreement, seed=seed)
+                             max_disagreement=max_disagreement, seed=seed, runtime=runtime,
+                             compare_runtime=compare_runtime)
     search = None
     if budget is None:
         if resume or workdir or html_path:

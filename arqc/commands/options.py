@@ -66,7 +66,13 @@ def certify_settings_options(f):
     :func:`certify_settings`."""
     d = COMPILE_CERTIFY
     return _apply(f, [
-        click.option("--sigma", type=float, help="Certify the ONNX model in onnxruntime at noise level σ."),
+        click.option("--sigma", type=float, help="Certify the ONNX model in --runtime at noise level σ."),
+        click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]),
+                     help="Where --sigma certifies the model: the runtime it is deployed to [default: onnxruntime]; "
+                     "openvino needs the extra arqc[openvino]."),
+        click.option("--compare-runtime", type=click.Choice(["onnxruntime", "openvino"]),
+                     help="Also run the model in this other runtime on the same noisy samples and report (and "
+                     "check against --max-disagreement) how often the two disagree."),
         click.option("--verify", is_flag=True, help="Also compare the ONNX model with the torch simulation "
                      "on the same noisy samples; refuse (write nothing) above --max-disagreement."),
         click.option("--test-data", help="Held-out test images for --sigma (never the calibration images)."),
@@ -75,7 +81,8 @@ def certify_settings_options(f):
         click.option("--n0", type=int, help=f"Selection samples per image [default: {DEFAULT_N0}]."),
         click.option("--alpha", type=float, help=f"Failure probability [default: {DEFAULT_ALPHA}]."),
         click.option("--max-disagreement", type=float,
-                     help=f"Largest allowed ONNX/torch disagreement rate [default: {d.max_disagreement}]."),
+                     help="Largest allowed rate at which the certified runtime disagrees with the torch simulation "
+                     f"(--verify) or --compare-runtime [default: {d.max_disagreement}]."),
         click.option("--seed", type=int, help=f"Noise seed of the certification [default: {d.seed}]."),
     ])
 
