@@ -102,6 +102,14 @@ MUTATIONS = [
     Mutation("QA-IBP does not learn", "arqc/qaibp.py",
              "optimizer = torch.optim.Adam(params, lr=lr)", "optimizer = torch.optim.Adam(params, lr=0.0)",
              ("tests/test_certify_linf.py",)),
+    Mutation("adds read their operands without the repeated Q/DQ pair", "passes/lower.py",
+             "        if g is None:\n            return dq\n        q = self.op(\"QuantizeLinear\", [dq, g.scale",
+             "        if True:\n            return dq\n        q = self.op(\"QuantizeLinear\", [dq, g.scale",
+             ("tests/test_openvino.py",)),
+    Mutation("sub-8-bit requantization of a grid keeps odd zero points", "passes/lower.py",
+             "        zero -= zero % 2  # signed", "        zero -= 0  # signed", ("tests/test_lower.py",)),
+    Mutation("sub-8-bit requantization of a grid never clips", "passes/lower.py",
+             "        if clip:\n", "        if False:\n", ("tests/test_lower.py",)),
 ]
 
 
