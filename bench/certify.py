@@ -7,7 +7,8 @@ Prints, in one run:
    PyTorch eager loop in Cohen et al.'s style (locuslab/smoothing core.py: batch loop,
    torch.randn_like(batch) * sigma, model(batch + noise).argmax(1), numpy bincount) on the same FP32 model,
    images, n0, n and batch size: for the W8A8 model in onnxruntime's integer kernels (the deployed model,
-   target ≥ 3×) and for arqc's best FP32 backend (target ≥ 3×);
+   target ≥ 3×), for the same file in OpenVINO's CPU plugin (extra arqc[openvino]) and for arqc's best FP32
+   backend (target ≥ 3×);
 2. the best FP32 rate ÷ the machine's FLOP bound = measured peak GFLOP/s of a float32 2048³ torch.matmul ÷
    (2 × MACs per sample) (target ≥ 0.8);
 3. IRS samples ÷ full-RS samples for a W8A8 ResNet-20 at σ = 0.5 at equal ACR (target ≤ 1/3): certify FP32
@@ -31,13 +32,14 @@ import torch
 from scipy.stats import norm
 
 from arqc import archs
+from arqc.base import ArqcError
 from arqc.data import load_images
 from arqc.passes.analysis import profile
 from arqc.passes.lower import lower
 from arqc.passes.policy import apply_policy, uniform
 from arqc.passes.quantize import simulate
 from arqc.pipeline import prepare_model
-from arqc.runtime.backends import Backend, OrtBackend, TorchBackend
+from arqc.runtime.backends import Backend, OpenVinoBackend, OrtBackend, TorchBackend
 from arqc.runtime.irs import build_cache, certify_incremental
 from arqc.runtime.metrics import summarize
 from arqc.runtime.noise import NOISE_BLOCK, Phase, noise_block, point_seed
@@ -177,8 +179,13 @@ def main() -> None:
         backends[f"arqc onnxruntime FP32, ENABLE_ALL (batch {b})"] = OrtBackend(fp32, batch_size=b,
                                                                                 intra_op_threads=threads)
     w8a8_name = f"arqc onnxruntime W8A8 integer kernels (batch {batch})"
-    backends[w8a8_name] = OrtBackend(w8a8_onnx(gm, load_images(f"npz:{data / TRAIN}"), sigma), batch_size=batch,
-                                     intra_op_threads=threads)
+    w8a8 = w8a8_onnx(gm, load_images(f"npz:{data / TRAIN}"), sigma)
+    backends[w8a8_name] = OrtBackend(w8a8, batch_size=batch, intra_op_threads=threads)
+    ov_name = f"arqc OpenVINO W8A8 int8 kernels (batch {batch})"
+    try:  # the same file in OpenVINO's CPU plugin (extra arqc[openvino])
+        backends[ov_name] = OpenVinoBackend(w8a8, batch_size=batch, threads=threads)
+    except ArqcError as err:
+        print(f"(no OpenVINO column: {err})")
     for name, backend in backends.items():
         contenders[name] = lambda backend=backend: [
             certify(backend, xi, sigma, n0, n, alpha, backend.batch_size, seed=i) for i, xi in enumerate(x)]
@@ -193,7 +200,7 @@ def main() -> None:
     baseline_name = next(iter(rates))
     for name, rate in rates.items():
         print(f"  {name:<52} {rate:8.0f} samples/s")
-    arqc_name = max((k for k in rates if k not in (baseline_name, w8a8_name)), key=rates.get)  # the best FP32
+    arqc_name = max((k for k in rates if k not in (baseline_name, w8a8_name, ov_name)), key=rates.get)  # best FP32
     speedup = rates[arqc_name] / rates[baseline_name]
     w8a8_speedup = rates[w8a8_name] / rates[baseline_name]
 
@@ -252,6 +259,9 @@ def main() -> None:
 
     print("\n[summary]")
     print(f"  arqc W8A8 in onnxruntime / Cohen-style eager FP32 loop: {w8a8_speedup:.2f}x   (target >= 3)")
+    if ov_name in rates:
+        print(f"  arqc W8A8 in OpenVINO / Cohen-style eager FP32 loop:    "
+              f"{rates[ov_name] / rates[baseline_name]:.2f}x")
     print(f"  arqc best FP32 backend / Cohen-style eager loop: {speedup:.2f}x   ({arqc_name}; target >= 3)")
     print(f"  arqc best FP32 backend / FLOP bound:             {rates[arqc_name] / bound:.2f}    (target >= 0.8)")
     if ratios:

@@ -1,16 +1,20 @@
-"""How exactly onnxruntime computes what arqc's torch simulation computes: the agreement table.
+"""How exactly onnxruntime and OpenVINO compute what arqc's torch simulation computes: the agreement table.
 
 For each model × policy (W8A8, W4A4, random mixed bits, and for ResNet-20 the 1.5625 % BitOps policy of
 examples/results/arq_cifar10.md) × scales, the simulated (fake-quantized) torch model and its QDQ ONNX lowering run
 on the same noisy inputs (clean test image + N(0, σ²) in pixel space); onnxruntime (CPU) runs at
-ORT_DISABLE_ALL and at ORT_ENABLE_ALL (fused integer kernels). Columns: top-1 agreement with torch, and the
-median and max of the relative logit difference |ort − torch| / max_k |torch_k| (per image) over all logits.
+ORT_DISABLE_ALL and at ORT_ENABLE_ALL (fused integer kernels), OpenVINO (CPU plugin, extra arqc[openvino]) the
+same file. Columns: top-1 agreement with torch, the median and max of the relative logit difference
+|runtime − torch| / max_k |torch_k| (per image) over all logits, and the share of bit-identical images; then
+OpenVINO's top-1 agreement with onnxruntime at ENABLE_ALL.
 
-    python bench/equivalence.py                  # ResNet-20 (akamaster weights) and MobileNetV2
-    python bench/equivalence.py --mbv2-size 64   # a faster MobileNetV2 run
+    python bench/equivalence.py                  # ResNet-20 (akamaster and shipped σ = 0.25) and MobileNetV2
+    python bench/equivalence.py --models resnet20,resnet20_sigma025 --mbv2-size 64
 
-ResNet-20 uses akamaster's CIFAR-10 weights and CIFAR-10 images from ../shared/data; MobileNetV2 has random
-weights (BatchNorm statistics measured on the calibration images) and sees the same CIFAR images resized.
+ResNet-20 uses akamaster's CIFAR-10 weights (trained on clean images: on noisy inputs its top logits are close,
+the hardest case for agreement) and the shipped noise-trained examples/models/resnet20_cifar10_sigma025.pt (the
+inputs certification queries), with CIFAR-10 images from ../shared/data; MobileNetV2 has random weights
+(BatchNorm statistics measured on the calibration images) and sees the same CIFAR images resized.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from arqc import archs
+from arqc.base import ArqcError
 from arqc.data import load_images
 from arqc.loading import load_model
 from arqc.passes.analysis import analyze
@@ -34,9 +39,11 @@ from arqc.passes.lower import lower
 from arqc.passes.meta import info, quantizable_nodes
 from arqc.passes.policy import apply_policy, uniform
 from arqc.passes.quantize import simulate
+from arqc.runtime.backends import OpenVinoBackend
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ARQ_POLICY = Path(__file__).resolve().parents[1] / "examples/results/arq_cifar10_runs/arq_1.5625/policy.json"
+SHIPPED = Path(__file__).resolve().parents[1] / "examples/models/resnet20_cifar10_sigma025.pt"
 LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
           "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
@@ -53,6 +60,14 @@ def ort_logits(onnx_bytes: bytes, x: np.ndarray, level: str, threads: int, batch
     so.intra_op_num_threads = threads
     session = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
     return np.concatenate([session.run(None, {"input": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def openvino_logits(onnx_bytes: bytes, x: np.ndarray, threads: int) -> np.ndarray | None:
+    """OpenVINO's CPU plugin on the same file (None when the extra arqc[openvino] is not installed)."""
+    try:
+        return OpenVinoBackend(onnx_bytes, batch_size=250, threads=threads).logits(x)
+    except ArqcError:
+        return None
 
 
 def torch_logits(model, x: torch.Tensor, batch: int = 250) -> np.ndarray:
@@ -88,12 +103,16 @@ def setups(args) -> list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor]
     test = load_images(f"npz:{args.data / 'cifar10/test_first1000_lossless.npz'}").x
     g = torch.Generator().manual_seed(0)
     out = []
-    if "resnet20" in args.models:
+    if "resnet20" in args.models.split(","):
         weights = args.data / "weights/akamaster-resnet-cifar10/resnet20-12fca82f.th"
         model = load_model(str(weights), "resnet20").model
         x = test[:args.n] + args.sigma * torch.randn(test[:args.n].shape, generator=g)
         out.append(("ResNet-20 (akamaster) 32x32", model, train, x))
-    if "mobilenet_v2" in args.models:
+    if "resnet20_sigma025" in args.models.split(","):  # the shipped noise-trained model: what certification runs
+        model = load_model(str(SHIPPED), "resnet20").model
+        x = test[:args.n] + args.sigma * torch.randn(test[:args.n].shape, generator=g)
+        out.append(("ResNet-20 (shipped, sigma 0.25)", model, train, x))
+    if "mobilenet_v2" in args.models.split(","):
         size = args.mbv2_size
         calib = F.interpolate(train, size=(size, size), mode="bilinear", align_corners=False)
         clean = F.interpolate(test[:args.mbv2_n], size=(size, size), mode="bilinear", align_corners=False)
@@ -113,14 +132,16 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=256, help="calibration images (clean training images)")
     parser.add_argument("--sigma", type=float, default=0.25)
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
-    parser.add_argument("--models", default="resnet20,mobilenet_v2")
+    parser.add_argument("--models", default="resnet20,resnet20_sigma025,mobilenet_v2",
+                        help="comma-separated: resnet20 (akamaster), resnet20_sigma025 (shipped), mobilenet_v2")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"onnxruntime {ort.__version__} CPU, torch {torch.__version__}, sigma={args.sigma} (pixel space), "
           f"calibration: {args.calib} clean CIFAR-10 training images, threads={args.threads}")
-    print("rel = |ort - torch| / max_k |torch_k| per image, over all logits; agree = top-1 agreement")
-    head = (f"{'model':<30} {'policy':<7} {'scales':<6} {'ORT level':<9} {'n':>5} {'agree':>8} "
-            f"{'median rel':>11} {'max rel':>9}")
+    print("rel = |runtime - torch| / max_k |torch_k| per image, over all logits; agree = top-1 agreement with the "
+          "torch simulation; exact = images whose logits are bit-identical to it")
+    head = (f"{'model':<31} {'policy':<7} {'scales':<6} {'runtime':<13} {'n':>5} {'agree':>8} "
+            f"{'median rel':>11} {'max rel':>9} {'exact':>7}")
     print(head)
     print("-" * len(head))
     for label, model, calib, x in setups(args):
@@ -136,11 +157,20 @@ def main() -> None:
                 sim = simulate(gm, [calib[i:i + 128] for i in range(0, len(calib), 128)], scales=scales)
                 onnx_bytes = lower(sim, {}).SerializeToString()
                 ref = torch_logits(sim, x)
-                for level in LEVELS:
-                    agree, med, mx = compare(ref, ort_logits(onnx_bytes, x.numpy(), level, args.threads))
-                    print(f"{label:<30} {pname:<7} {scales:<6} {level:<9} {len(x):>5} {100 * agree:>7.1f}% "
-                          f"{med:>11.1e} {mx:>9.1e}", flush=True)
-                print(f"{'':<30} ({time.perf_counter() - start:.0f} s)", flush=True)
+                runs = {f"ORT {level}": ort_logits(onnx_bytes, x.numpy(), level, args.threads) for level in LEVELS}
+                runs["OpenVINO"] = openvino_logits(onnx_bytes, x.numpy(), args.threads)
+                for runtime, out in runs.items():
+                    if out is None:
+                        print(f"{label:<31} {pname:<7} {scales:<6} {runtime:<13} (not installed)")
+                        continue
+                    agree, med, mx = compare(ref, out)
+                    exact = float(np.all(out == ref, axis=1).mean())
+                    print(f"{label:<31} {pname:<7} {scales:<6} {runtime:<13} {len(x):>5} {100 * agree:>7.1f}% "
+                          f"{med:>11.1e} {mx:>9.1e} {100 * exact:>6.1f}%", flush=True)
+                if runs["OpenVINO"] is not None:
+                    agree = float((runs["OpenVINO"].argmax(1) == runs["ORT all"].argmax(1)).mean())
+                    print(f"{'':<31} OpenVINO vs ORT all: top-1 agreement {100 * agree:.1f}%")
+                print(f"{'':<31} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Is arqc's deployed model fast in onnxruntime? CPU throughput of its integer-only QDQ models against the float
-model and against onnxruntime's own int8 quantization of the same network, with a kernel census and file sizes.
+"""Is arqc's deployed model fast in onnxruntime and OpenVINO? CPU throughput of its integer-only QDQ models against
+the float model and against onnxruntime's own int8 quantization of the same network, with a kernel census and file
+sizes.
 
 ResNet-20 (akamaster CIFAR-10 weights; all models run at ORT_ENABLE_ALL on the CPU execution provider):
 - float:    arqc's lowering of the network at 32 bits (no Q/DQ);
@@ -13,8 +14,11 @@ Throughput is images/s over the clean test images (random images for MobileNetV2
 every model of a network once, round-robin, so that a busy machine slows all of them alike; the median repeat
 is reported. The census counts the kernels onnxruntime runs after its optimizations (integer kernels, float
 Conv/Gemm left); sizes are the serialized file against Σ params × w_bits.
+Every file also runs in OpenVINO's CPU plugin (extra arqc[openvino]; --no-openvino skips it), in the same
+round-robin, with a census of the convolutions and fully connected layers it runs in int8.
 Targets: arqc W8A8 ≥ 1.3× float and ≥ 0.95× ort-int8; the 1.5625 % policy ≥ 0.9× arqc W8A8; no float Conv or
-Gemm left; MobileNetV2 arqc W8A8 ≥ 1.2× float.
+Gemm left; MobileNetV2 arqc W8A8 ≥ 1.2× float; in OpenVINO, arqc W8A8 ≥ 1.4× float and the 1.5625 % policy
+≥ 0.9× arqc W8A8.
 
     python bench/lowering.py [--threads 1] [--batch 64] [--repeats 7]
 """
@@ -35,6 +39,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from arqc import archs
+from arqc.base import ArqcError
 from arqc.data import load_images
 from arqc.loading import load_model
 from arqc.passes.analysis import analyze, profile
@@ -42,6 +47,7 @@ from arqc.passes.capture import capture
 from arqc.passes.lower import lower
 from arqc.passes.policy import apply_policy, uniform
 from arqc.passes.quantize import simulate
+from arqc.runtime.backends import OpenVinoBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -100,14 +106,37 @@ def session(model: bytes, threads: int) -> tuple[ort.InferenceSession, str, int]
     return s, census, floats
 
 
-def run_all(s: ort.InferenceSession, x: np.ndarray, batch: int) -> np.ndarray:
+def openvino_session(model: bytes, threads: int) -> tuple[OpenVinoBackend, str, int] | None:
+    """The same file in OpenVINO's CPU plugin, and a census of the convolutions and fully connected layers it
+    runs in int8 and in float (from its runtime graph); None when the extra arqc[openvino] is missing."""
+    try:
+        backend = OpenVinoBackend(model, threads=threads)
+    except ArqcError:
+        return None
+    kinds = []
+    for op in backend.compiled.get_runtime_model().get_ordered_ops():
+        rt = op.get_rt_info()
+        if "layerType" in rt and rt["layerType"].astype(str) in ("Convolution", "FullyConnected"):
+            kinds.append("I8" in rt["primitiveType"].astype(str))
+    floats = kinds.count(False)
+    return backend, f"{kinds.count(True)} int8 conv/FC, {floats} float conv/FC", floats
+
+
+def run_all(s, x: np.ndarray, batch: int) -> np.ndarray:
+    if isinstance(s, OpenVinoBackend):
+        return np.concatenate([s._run(x[i:i + batch]) for i in range(0, len(x), batch)])
     return np.concatenate([s.run(None, {"input": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
 
 def measure(models: dict[str, tuple[bytes, float | None]], x: np.ndarray, y: np.ndarray | None,
             args) -> dict[str, float]:
-    """Median images/s of each model (round-robin repeats); prints one line per model."""
-    built = {name: session(data, args.threads) for name, (data, _) in models.items()}
+    """Median images/s of each model in onnxruntime and (keys "NAME | openvino") in OpenVINO, round-robin
+    repeats; prints one line per model and runtime."""
+    built = {}
+    for name, (data, _) in models.items():
+        built[name] = session(data, args.threads)
+        if not args.no_openvino and (ov := openvino_session(data, args.threads)) is not None:
+            built[f"{name} | openvino"] = ov
     accuracy = {}
     for name, (s, _, _) in built.items():  # warm-up, and a sanity check of every model
         logits = run_all(s, x, args.batch)
@@ -120,11 +149,12 @@ def measure(models: dict[str, tuple[bytes, float | None]], x: np.ndarray, y: np.
             rates[name].append(len(x) / (time.perf_counter() - start))
     median = {name: statistics.median(r) for name, r in rates.items()}
     for name, (_, census, floats) in built.items():
-        data, theory = models[name]
+        data, theory = models[name.split(" | ")[0]]
         size = f"file {len(data) / 1024:.0f} KiB" + (f" (theory {theory / 1024:.0f} KiB)" if theory else "")
         acc = f"clean accuracy {100 * accuracy[name]:.1f}%; " if y is not None else ""
-        print(f"  {name:<38} {median[name]:>6.0f} images/s (spread {min(rates[name]):.0f}-{max(rates[name]):.0f}; "
-              f"{acc}{census}; {size})")
+        runtime = "OpenVINO   " if name.endswith(" | openvino") else "onnxruntime"
+        print(f"  {name.split(' | ')[0]:<38} {runtime} {median[name]:>6.0f} images/s (spread "
+              f"{min(rates[name]):.0f}-{max(rates[name]):.0f}; {acc}{census}; {size})")
         if floats and not name.startswith("float"):
             print(f"    NOTE: {floats} float Conv/Gemm/MatMul left in {name}")
     return median
@@ -141,6 +171,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--calib", type=int, default=300, help="clean training images for calibration")
+    parser.add_argument("--no-openvino", action="store_true", help="onnxruntime only (skip the OpenVINO columns)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -177,6 +208,14 @@ def main() -> None:
         target(f"1.5625% policy ({containers}) / arqc W8A8",
                median[f"arqc 1.5625% policy ({containers})"] / median["arqc W8A8"], 0.9)
     print(f"arqc W4A4 / float: {median['arqc W4A4'] / median['float (arqc, 32 bits)']:.2f}x")
+    if "arqc W8A8 | openvino" in median:
+        ov = {name.split(" | ")[0]: rate for name, rate in median.items() if name.endswith(" | openvino")}
+        target("OpenVINO: arqc W8A8 / float", ov["arqc W8A8"] / ov["float (arqc, 32 bits)"], 1.4)
+        target("OpenVINO: 1.5625% policy (int8 containers) / arqc W8A8",
+               ov["arqc 1.5625% policy (int8 containers)"] / ov["arqc W8A8"], 0.9)
+        print(f"OpenVINO: arqc W8A8 / ort-int8 in OpenVINO: "
+              f"{ov['arqc W8A8'] / ov['ort-int8 (quantize_static QDQ)']:.2f}x; OpenVINO / onnxruntime on arqc W8A8: "
+              f"{ov['arqc W8A8'] / median['arqc W8A8']:.2f}x")
 
     torch.manual_seed(0)
     mobilenet = archs.build("mobilenet_v2").eval()
