@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import assert_one_error_line, run_cli
 
 from arqc.base import ArqcError
 from arqc.passes.analysis import analyze
@@ -181,15 +182,7 @@ def test_missing_openvino_is_one_line(monkeypatch):
 
 
 def arqc(capsys, *args) -> tuple[int, str, str]:
-    from arqc.cli import main
-
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli([str(a) for a in args], capsys)
 
 
 @pytest.fixture(scope="module")
@@ -250,8 +243,9 @@ def test_compare_runtime_needs_another_runtime(mnist_files, tmp_path, capsys):
     code, _, err = arqc(capsys, "compile", mnist_files["model"], "--bits", "8", "--data", mnist_files["data"],
                         "-o", tmp_path / "q.onnx", "--test-data", mnist_files["data"], "--runtime", "openvino",
                         "--compare-runtime", "openvino", *CERT)
-    assert code == 2 and err.strip().splitlines()[-1].endswith("is the --runtime itself; name the other one")
+    assert_one_error_line(code, err, "--compare-runtime openvino is the --runtime itself; name the other one")
     assert list(tmp_path.iterdir()) == []
     code, _, err = arqc(capsys, "compile", mnist_files["model"], "--bits", "8", "--data", mnist_files["data"],
                         "-o", tmp_path / "q.onnx", "--runtime", "openvino")
-    assert code == 2 and "--runtime needs --sigma" in err and list(tmp_path.iterdir()) == []
+    assert_one_error_line(code, err, "--runtime needs --sigma")
+    assert list(tmp_path.iterdir()) == []
