@@ -12,6 +12,8 @@ Accepted inputs:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,10 @@ def load_model(path: str | None, arch: str | None = None, trust_pickle: bool = F
         raise ArqcError(f"model file {path} does not exist; check the path")
     if p.suffix == ".pt2":
         return _load_export(p)
+    if p.suffix == ".onnx":
+        raise ArqcError(f"{path} is an ONNX model; this command takes a PyTorch model (.pt/.pth/.th state_dict or "
+                        "checkpoint, .pt2 export). Certify an ONNX model with `arqc certify`, inspect one arqc wrote "
+                        "with `arqc report`")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as err:
@@ -91,9 +97,24 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(err).__name__
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Silence the logger ``name`` (and its children) for the block: a damaged file must end in arqc's one line."""
+    logger = logging.getLogger(name)
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.CRITICAL + 1)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 def _load_export(p: Path) -> LoadedModel:
     try:
-        ep = torch.export.load(str(p))
+        with _quiet_logger("torch.export"):  # it logs its own traceback before raising
+            ep = torch.export.load(str(p))
     except Exception as err:  # torch.export.load raises many types for damaged archives
         raise ArqcError(f"cannot read {p}: not a valid torch.export program ({_first_line(err)})") from None
     inputs = [s for s in ep.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 
@@ -168,6 +169,23 @@ def test_damaged_export_program(tmp_path):
     (tmp_path / "cut.pt2").write_bytes(data[: len(data) // 2])
     with pytest.raises(ArqcError, match="not a valid torch.export program"):
         load_model(str(tmp_path / "cut.pt2"))
+
+
+@pytest.mark.parametrize("name, data", [("cut.pt2", None), ("garbage.pt2", b"garbage"), ("cut.onnx", b"\x08\x07ab")])
+def test_damaged_files_print_one_line(tmp_path, name, data):
+    """The whole stderr of the command is arqc's one line: torch.export logs its own traceback (13 lines) before
+    raising unless arqc silences it. A separate process, so that every log handler writes where it really would."""
+    if data is None:
+        program = torch.export.export(archs.build("mnist_cnn"), (torch.rand(1, 1, 28, 28),))
+        torch.export.save(program, tmp_path / "m.pt2")
+        data = (tmp_path / "m.pt2").read_bytes()[:2000]
+    (tmp_path / name).write_bytes(data)
+    run = subprocess.run([sys.executable, "-m", "arqc.cli", "analyze", str(tmp_path / name), "--json",
+                          str(tmp_path / "out.json")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and len(run.stderr.splitlines()) == 1, run.stderr
+    assert run.stderr.startswith("arqc: error: ") and not (tmp_path / "out.json").exists()
+    expected = "is an ONNX model; this command takes a PyTorch model" if name.endswith(".onnx") else "not a valid"
+    assert expected in run.stderr
 
 
 # ------------------------------------------------------------------------------------------------------
