@@ -187,9 +187,11 @@ class OpenVinoBackend(Backend):
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
             self.compiled = core.compile_model(core.read_model(self.model_bytes, b""), "CPU", config)
-        except Exception as e:  # OpenVINO raises RuntimeError with a long multi-line message
-            raise ArqcError(f"OpenVINO cannot load the model ({str(e).strip().splitlines()[0]}); "
-                            "check that it is a valid ONNX file") from e
+        except Exception as e:  # OpenVINO raises RuntimeError: "Exception from FILE:LINE:" lines, then the reason
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            reason = next((line for line in lines if not line.startswith("Exception from")), type(e).__name__)
+            raise ArqcError(f"OpenVINO cannot load the model ({reason[:200]}); check that it is a valid ONNX "
+                            "file") from None
         self.request = self.compiled.create_infer_request()
         first = self.compiled.inputs[0].get_partial_shape()
         self.fixed_batch = first[0].get_length() if first.rank.is_static and first[0].is_static else None
