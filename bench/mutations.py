@@ -108,6 +108,11 @@ MUTATIONS = [
              ("tests/test_openvino.py",)),
     Mutation("sub-8-bit requantization of a grid keeps odd zero points", "passes/lower.py",
              "        zero -= zero % 2  # signed", "        zero -= 0  # signed", ("tests/test_lower.py",)),
+    Mutation("activation bounds skip the interior minimum", "passes/ops/activations.py",
+             "        low = torch.where((lo <= x_star) & (hi >= x_star), torch.full_like(low, f_star), low)",
+             "        pass", ("tests/test_activations.py",)),
+    Mutation("activation bounds without the float32 margin", "passes/ops/activations.py",
+             "ULPS = 64 ", "ULPS = 0 ", ("tests/test_activations.py",)),
     Mutation("sub-8-bit requantization of a grid never clips", "passes/lower.py",
              "        if clip:\n", "        if False:\n", ("tests/test_lower.py",)),
 ]

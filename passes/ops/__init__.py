@@ -20,6 +20,8 @@ The package (passes/ops/) has one module per part:
 - ``layers``: the quantizable layers conv2d and linear, their interval helpers (:func:`layer_operands`), and
   ``BATCHNORM_SOURCES`` (batch norm is no entry: capture folds it into the layer before it);
 - ``elementwise``: relu, clamp, add, sub, mul, div;
+- ``activations``: sigmoid, tanh, hardsigmoid, hardswish, silu, gelu (float between quantized ops; sound
+  rules for the non-monotone ones);
 - ``pooling``: max pool, avg pool, adaptive avg pool;
 - ``shape``: flatten, pad, slice, cat, and ``IDENTITY_SOURCES`` (the sources capture removes);
 - ``quant``: the requant node that integer-only simulations insert between quantized ops (DESIGN §2).
@@ -32,7 +34,7 @@ rules read the rounding constants as ``rounding.U32`` etc., so a test can zero t
 
 # isort: off
 # Importing the modules registers their entries, in this order; rule_for_source tries entries in the order they
-# were registered, so keep it: layers, elementwise, pooling, shape.
+# were registered, so keep it: layers, elementwise, activations, pooling, shape.
 from arqc.passes.ops.base import (
     RULES as RULES,
     OpRule as OpRule,
@@ -77,6 +79,21 @@ from arqc.passes.ops.elementwise import (
     relu as relu,
     sub as sub,
 )
+from arqc.passes.ops.activations import (
+    GeluRule as GeluRule,
+    HardsigmoidRule as HardsigmoidRule,
+    HardswishRule as HardswishRule,
+    SigmoidRule as SigmoidRule,
+    SiluRule as SiluRule,
+    TanhRule as TanhRule,
+    _Activation as _Activation,
+    gelu as gelu,
+    hardsigmoid as hardsigmoid,
+    hardswish as hardswish,
+    sigmoid as sigmoid,
+    silu as silu,
+    tanh as tanh,
+)
 from arqc.passes.ops.pooling import (
     AdaptiveAvgPoolRule as AdaptiveAvgPoolRule,
     AvgPoolRule as AvgPoolRule,
@@ -100,5 +117,5 @@ from arqc.passes.ops.shape import (
     slice_ as slice_,
 )
 from arqc.passes.ops.quant import RequantRule as RequantRule
-from arqc.passes.ops import base, elementwise, layers, pooling, quant, rounding, shape  # noqa: E402, F401
+from arqc.passes.ops import activations, base, elementwise, layers, pooling, quant, rounding, shape  # noqa: E402, F401
 # isort: on

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from arqc.passes.ops.base import OpRule, _PassThrough, aten, register
@@ -124,6 +125,8 @@ class CatRule(OpRule):
         return b.op("Concat", list(args[0]), node.name, axis=node.args[1])
 
 
-# Sources that compute the identity at inference time; capture removes them.
+# Sources that compute the identity at inference time (capture works on the model in eval mode: dropout and
+# torchvision's stochastic depth pass their input through); capture removes them.
 IDENTITY_SOURCES = (nn.Dropout, nn.Identity, F.dropout, aten.dropout.default, aten.alias.default,
-                    aten.clone.default, aten.contiguous.default, aten.detach.default, "contiguous", "detach")
+                    aten.clone.default, aten.contiguous.default, aten.detach.default, "contiguous", "detach",
+                    torchvision.ops.StochasticDepth, torchvision.ops.stochastic_depth)
