@@ -22,7 +22,7 @@ The package (passes/ops/) has one module per part:
 - ``elementwise``: relu, clamp, add, sub, mul, div;
 - ``activations``: sigmoid, tanh, hardsigmoid, hardswish, silu, gelu (float between quantized ops; sound
   rules for the non-monotone ones);
-- ``pooling``: max pool, avg pool, adaptive avg pool;
+- ``pooling``: max pool, avg pool, adaptive avg pool, mean over dimensions;
 - ``shape``: flatten, pad, slice, cat, and ``IDENTITY_SOURCES`` (the sources capture removes);
 - ``quant``: the requant node that integer-only simulations insert between quantized ops (DESIGN §2).
 
@@ -98,12 +98,14 @@ from arqc.passes.ops.pooling import (
     AdaptiveAvgPoolRule as AdaptiveAvgPoolRule,
     AvgPoolRule as AvgPoolRule,
     MaxPoolRule as MaxPoolRule,
+    MeanRule as MeanRule,
     _as_tuple as _as_tuple,
     _mean_error as _mean_error,
     _pair as _pair,
     adaptive_avg_pool2d as adaptive_avg_pool2d,
     avg_pool2d as avg_pool2d,
     max_pool2d as max_pool2d,
+    mean as mean,
 )
 from arqc.passes.ops.shape import (
     IDENTITY_SOURCES as IDENTITY_SOURCES,

@@ -1,8 +1,10 @@
-"""Pooling: max pool, average pool and adaptive average pool (and ``_as_tuple``, which normalizes their size
-arguments; capture uses it for conv arguments too)."""
+"""Pooling: max pool, average pool, adaptive average pool and the mean over dimensions (and ``_as_tuple``, which
+normalizes their size arguments; capture uses it for conv arguments too)."""
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -111,3 +113,40 @@ class AdaptiveAvgPoolRule(_PassThrough):
         if h % oh or w % ow:
             raise NotImplementedError(f"adaptive_avg_pool2d {h}x{w} -> {oh}x{ow} (not an even split)")
         return b.op("AveragePool", [args[0]], node.name, kernel_shape=[h // oh, w // ow], strides=[h // oh, w // ow])
+
+
+def mean(x, dims, keepdim):
+    return torch.mean(x, dims, keepdim)
+
+
+@register
+class MeanRule(_PassThrough):
+    """The mean over some non-batch dimensions (``x.mean([2, 3])``: a global average pool that drops them).
+    Monotone in every input, one rounding per term: the average pool's bounds."""
+
+    kind = "mean"
+    sources = (torch.mean, aten.mean.dim, "mean")
+    fn = staticmethod(mean)
+
+    def canonical_args(self, node, module):
+        rank = len(node.args[0].meta["tensor_meta"].shape)
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if dims is None:
+            raise NotImplementedError("mean over every dimension, the batch included")
+        dims = tuple(sorted({int(d) % rank for d in ((dims,) if isinstance(dims, int) else dims)}))
+        if 0 in dims:
+            raise NotImplementedError("mean over the batch dimension")
+        keepdim = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+        return (node.args[0], dims, keepdim)
+
+    def interval(self, node, module, lo, hi, sound=True):
+        terms = int(np.prod([lo[0].shape[d] for d in node.args[1]])) + 1  # the sum, and a division
+
+        def average(x, *_):
+            return self.fn(x, *node.args[1:])
+
+        return _widen(average(lo[0]), average(hi[0]), lambda: _mean_error(average, terms, lo[:1], hi[:1]), sound)
+
+    def lower(self, b, node, args):  # ReduceMean (opset 18: the axes are an input)
+        axes = b.const(np.array(node.args[1], dtype=np.int64), f"{node.name}_axes")
+        return b.op("ReduceMean", [args[0], axes], node.name, keepdims=int(node.args[2]))

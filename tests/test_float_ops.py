@@ -1,5 +1,5 @@
-"""The activations that run in float between quantized ops (passes/ops/activations.py): sigmoid, tanh,
-hardsigmoid, hardswish, silu, gelu (both modes).
+"""Ops that run in float between quantized ops: the activations of passes/ops/activations.py (sigmoid, tanh,
+hardsigmoid, hardswish, silu, gelu in both modes) and the mean over dimensions (passes/ops/pooling.py).
 
 Oracles: brute force (the float32 forward of torch itself on many points of each interval, the interval's ends
 and the neighbourhood of the interior minimum) for the interval rules; onnxruntime for the lowering; torchvision's
@@ -129,10 +129,35 @@ def test_capture_lower_and_bound_a_net_of_every_activation():
             assert bool(((y >= b_lo) & (y <= b_hi)).all())
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])
-def test_torchvision_families_with_these_activations_compile(name):
-    """mobilenet_v3_small (hardswish, hardsigmoid squeeze-excite) and efficientnet_b0 (silu, sigmoid gates,
-    stochastic depth) capture, lower at W8A8 and run in onnxruntime like the simulation."""
+@pytest.mark.parametrize("dims, keepdim", [((2, 3), False), ((2, 3), True), ((1,), True), ((-1,), False)])
+def test_mean_bounds_contain_the_float32_forward_and_lower_to_reduce_mean(dims, keepdim):
+    class Mean(nn.Module):
+        def forward(self, x):
+            return x.mean(dims, keepdim=keepdim)
+
+    x = torch.randn(4, 3, 5, 7, generator=torch.Generator().manual_seed(0)) * 10
+    gm = analyze(capture(Mean().eval(), x[:1]))
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    assert info(node).kind == "mean"
+    rule = ops.RULES["mean"]
+    lo, hi = (x - 0.5).double(), (x + 0.5).double()  # float32 values: the corners are valid inputs
+    b_lo, b_hi = rule.interval(node, None, [lo], [hi], sound=True)
+    points = [lo.float(), hi.float()] + [(lo + (hi - lo) * torch.rand_like(lo)).float() for _ in range(50)]
+    for z in points:  # at the corners the float32 sum reaches the bounds up to its rounding
+        y = gm(z).double()
+        assert bool(((y >= b_lo) & (y <= b_hi)).all())
+    ref = torch.mean(x, [d % 4 for d in dims], keepdim)
+    torch.testing.assert_close(gm(x), ref)
+    session = ort.InferenceSession(lower(simulate(gm, [x]), {}).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5"])
+def test_torchvision_families_with_these_ops_compile(name):
+    """mobilenet_v3_small (hardswish, hardsigmoid squeeze-excite), efficientnet_b0 (silu, sigmoid gates,
+    stochastic depth) and mnasnet0_5 (x.mean([2, 3])) capture, lower at W8A8 and run in onnxruntime like the
+    simulation."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=10).eval()
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
