@@ -116,6 +116,10 @@ MUTATIONS = [
     Mutation("mean bounds without the rounding margin", "passes/ops/pooling.py",
              "lambda: _mean_error(average, terms, lo[:1], hi[:1]), sound)", "lambda: 0.0, sound)",
              ("tests/test_float_ops.py",)),
+    Mutation("reshape and permute end the grid", "passes/quantize.py",
+             '"flatten", "reshape", "permute", "slice"', '"flatten", "slice"', ("tests/test_float_ops.py",)),
+    Mutation("every chunk piece starts at 0", "passes/capture.py",
+             "    start = sum(sizes[:i])", "    start = 0", ("tests/test_float_ops.py",)),
     Mutation("sub-8-bit requantization of a grid never clips", "passes/lower.py",
              "        if clip:\n", "        if False:\n", ("tests/test_lower.py",)),
 ]

@@ -151,6 +151,7 @@ def _canonicalize_op(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     rule = ops.rule_for_source(key)
     if rule is None:
         return  # reported by capture() unless it turns out dead
+    rule = rule.refine(node)
     if rule.quantizable:
         if node.op != "call_module":
             _make_layer_module(gm, node, rule)
@@ -173,9 +174,42 @@ def _check_layer(module: nn.Module, node: torch.fx.Node) -> None:
                         f"padding_mode={module.padding_mode!r}; arqc lowers explicit zero padding only")
 
 
+CHUNK_SOURCES = (torch.chunk, torch.ops.aten.chunk.default, "chunk")
+SPLIT_SOURCES = (torch.split, torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, "split")
+
+
+def _piece(source: torch.fx.Node, i: int) -> tuple[int, int, int] | None:
+    """(dim, start, end) of piece ``i`` of a chunk/split node, None for other nodes."""
+    chunk, split = ops.matches(source.target, CHUNK_SOURCES), ops.matches(source.target, SPLIT_SOURCES)
+    if not (chunk or split):
+        return None
+    x, how = source.args[0], source.args[1]
+    dim = source.kwargs.get("dim", source.args[2] if len(source.args) > 2 else 0)
+    size = x.meta["tensor_meta"].shape[dim]
+    if isinstance(how, list | tuple):  # split into the given sizes
+        sizes = [int(v) for v in how]
+    else:  # chunk into n pieces of ceil(size / n), or split into pieces of ``how``
+        step = -(-size // int(how)) if chunk else int(how)
+        sizes = [min(step, size - k) for k in range(0, size, step)]
+    start = sum(sizes[:i])
+    return int(dim) % len(x.meta["tensor_meta"].shape), start, start + sizes[i]
+
+
 def _canonicalize_getitem(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
-    """``x[:, :, ::2, ::2]`` (basic slicing of a tensor) becomes a chain of canonical slices."""
+    """``x[:, :, ::2, ::2]`` (basic slicing of a tensor) becomes a chain of canonical slices, and so does piece
+    i of ``x.chunk(n, dim)`` / ``x.split(s, dim)`` (the chunk node is then dead)."""
     source, index = node.args
+    if isinstance(source, torch.fx.Node) and isinstance(index, int) and (piece := _piece(source, index)):
+        dim, start, end = piece
+        rule = ops.RULES["slice"]
+        with gm.graph.inserting_before(node):
+            value = gm.graph.call_function(rule.fn, (source.args[0], dim, start, end, 1))
+            value.meta[KEY] = NodeInfo(kind=rule.kind)
+        node.replace_all_uses_with(value)
+        gm.graph.erase_node(node)
+        if not source.users:
+            gm.graph.erase_node(source)
+        return
     index = index if isinstance(index, tuple) else (index,)
     if not all(isinstance(i, slice) or i is Ellipsis for i in index) or index.count(Ellipsis) > 1:
         raise ArqcError(f"unsupported indexing {index!r} in node '{node.name}'; arqc supports basic slicing")

@@ -11,10 +11,10 @@ Every node is emitted by its registry entry (passes/ops/); quantizable layers ge
 A requant node (integer-only inference, DESIGN §2) is QuantizeLinear → DequantizeLinear on its 8-bit grid.
 Every consumer that onnxruntime can run as an integer kernel (conv, linear, add, concat, pools) reads a value
 on a grid through a DequantizeLinear of its own, re-quantizing with the same parameters (exact) where an op
-that keeps the grid (max pool, flatten, slice, pad) came in between. That is the pattern onnxruntime fuses
-at ENABLE_ALL: DQ → Conv [→ Relu] → Q becomes QLinearConv, DQ → Add → Q QLinearAdd, and so on. An add reads
-each grid operand through one more exact Q → DQ pair, which keeps OpenVINO from dropping a rounding
-(:meth:`OnnxBuilder.add_operand`): both runtimes compute the one function of DESIGN §2.
+that keeps the grid (max pool, flatten, reshape, permute, slice, pad) came in between. That is the pattern
+onnxruntime fuses at ENABLE_ALL: DQ → Conv [→ Relu] → Q becomes QLinearConv, DQ → Add → Q QLinearAdd, and so
+on. An add reads each grid operand through one more exact Q → DQ pair, which keeps OpenVINO from dropping a
+rounding (:meth:`OnnxBuilder.add_operand`): both runtimes compute the one function of DESIGN §2.
 The policy, calibration, grids, semantics version and compile settings go into ``metadata_props`` (keys in
 METADATA_KEYS).
 """

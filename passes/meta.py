@@ -69,7 +69,8 @@ class NodeInfo:
     a_bits: int = FP32
     act: ActQuant | None = None  # a layer's input quantizer, or a requant node's grid (None = float input)
     # the requant node (its module's target) whose 8-bit grid this node's output lies on: set on requant nodes
-    # and on the ops that keep their input's grid (relu, max pool, flatten, slice, zero pad); None = float
+    # and on the ops that keep their input's grid (relu, max pool, flatten, reshape, permute, slice, zero pad);
+    # None = float
     grid: str | None = None
 
     @property

@@ -19,10 +19,10 @@ runs from one quantized op to the next lives on an 8-bit grid. :func:`integerize
 :class:`Requant` module: per tensor, affine, calibrated like an input quantizer, unsigned when non-negative) after
 - each integer layer (w_bits and a_bits < 32), after the ReLU/ReLU6/clamp that directly follows it;
 - each add, concat and average pool whose tensor inputs all lie on grids (again after a fused activation);
-except where that tensor is the network's output (the logits stay float). Relu, max pool, flatten, slice and
-zero pad keep their input's grid (``meta["arqc"].grid``). A layer whose input lies on a grid uses that grid
-as its input quantizer at a_bits = 8 (``grid_input``: nothing to round, the values are on it already) and
-requantizes from it at a_bits < 8.
+except where that tensor is the network's output (the logits stay float). Relu, max pool, flatten, reshape,
+permute, slice and zero pad keep their input's grid (``meta["arqc"].grid``). A layer whose input lies on a grid
+uses that grid as its input quantizer at a_bits = 8 (``grid_input``: nothing to round, the values are on it
+already) and requantizes from it at a_bits < 8.
 The rounding steps are differentiable through a clipped straight-through estimator, so the simulated model
 can be fine-tuned.
 """
@@ -222,7 +222,8 @@ class Requant(_Observer, nn.Module):
 # Where integerize puts the tensors between quantized ops on 8-bit grids (DESIGN §2), by registry kind.
 FUSED_ACTIVATIONS = ("relu", "clamp")  # requantize after these when they directly follow the producer
 REQUANTIZED_OPS = ("add", "cat", "avg_pool2d", "adaptive_avg_pool2d")  # requantized when their inputs are on grids
-GRID_KEEPING_OPS = ("relu", "max_pool2d", "flatten", "slice", "pad")  # exact on a grid (pad: with zeros)
+GRID_KEEPING_OPS = ("relu", "max_pool2d", "flatten", "reshape", "permute", "slice", "pad")  # exact on a grid
+# (pad: with zeros)
 
 
 def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from arqc.base import ArqcError
 from arqc.passes import ops
 from arqc.passes.analysis import analyze
 from arqc.passes.capture import capture
@@ -153,11 +154,63 @@ def test_mean_bounds_contain_the_float32_forward_and_lower_to_reduce_mean(dims, 
     np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], ref.numpy(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5"])
+class Shuffle(nn.Module):
+    """ShuffleNet's moves: chunk, a channel shuffle (view → transpose → view), a permute there and back, cat."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([a, torch.relu(self.c2(b))], 1)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        x = x.permute(0, 2, 3, 1).permute(0, 3, 1, 2)
+        return torch.flatten(self.c3(x), 1)
+
+
+def test_reshape_permute_and_chunk_keep_the_grid_and_lower_bit_exactly():
+    torch.manual_seed(0)
+    model = Shuffle().eval()
+    x = torch.rand(32, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    for source in (model, torch.export.export(model, (x[:1],))):
+        gm = analyze(capture(source, x[:1]))
+        kinds = [info(n).kind for n in gm.graph.nodes if n.op == "call_function"]
+        assert {"reshape", "permute", "slice", "cat"} <= set(kinds), kinds
+        torch.testing.assert_close(gm(x), model(x))
+    apply_policy(gm, uniform(gm, 8, 8))
+    sim = simulate(gm, [torch.rand(16, 3, 6, 6)], scales="po2")
+    grids = {info(n).kind: info(n).grid for n in sim.graph.nodes if n.op == "call_function"}
+    assert grids["reshape"] is not None and grids["permute"] is not None  # exact rearrangements keep the grid
+    with torch.no_grad():
+        ref = sim(x).numpy()
+    model_bytes = lower(sim, {}).SerializeToString()
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        out = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})
+        assert np.array_equal(out[0], ref)  # po2: exact
+    lo, hi = input_box(x[:4], 2 / 255)
+    b_lo, b_hi = interval_bounds(sim, lo, hi)
+    assert bool((torch.from_numpy(ref[:4]) >= b_lo).all()) and bool((torch.from_numpy(ref[:4]) <= b_hi).all())
+
+
+def test_a_view_that_moves_the_batch_is_refused():
+    class Fold(nn.Module):
+        def forward(self, x):
+            return x.reshape(1, -1)
+
+    with pytest.raises(ArqcError, match="unsupported use of reshape .*moves the batch dimension"):
+        capture(Fold().eval(), torch.rand(2, 3, 4, 4))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5", "shufflenet_v2_x0_5"])
 def test_torchvision_families_with_these_ops_compile(name):
     """mobilenet_v3_small (hardswish, hardsigmoid squeeze-excite), efficientnet_b0 (silu, sigmoid gates,
-    stochastic depth) and mnasnet0_5 (x.mean([2, 3])) capture, lower at W8A8 and run in onnxruntime like the
-    simulation."""
+    stochastic depth), mnasnet0_5 (x.mean([2, 3])) and shufflenet_v2_x0_5 (chunk, channel shuffle) capture,
+    lower at W8A8 and run in onnxruntime like the simulation."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=10).eval()
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))

@@ -23,7 +23,8 @@ The package (passes/ops/) has one module per part:
 - ``activations``: sigmoid, tanh, hardsigmoid, hardswish, silu, gelu (float between quantized ops; sound
   rules for the non-monotone ones);
 - ``pooling``: max pool, avg pool, adaptive avg pool, mean over dimensions;
-- ``shape``: flatten, pad, slice, cat, and ``IDENTITY_SOURCES`` (the sources capture removes);
+- ``shape``: flatten, reshape (views that keep the batch; :meth:`OpRule.refine` picks it), permute,
+  pad, slice, cat, and ``IDENTITY_SOURCES`` (the sources capture removes);
 - ``quant``: the requant node that integer-only simulations insert between quantized ops (DESIGN §2).
 
 Supporting a new op is one new entry: a function and a registered :class:`OpRule` subclass in the module of
@@ -112,10 +113,14 @@ from arqc.passes.ops.shape import (
     CatRule as CatRule,
     FlattenRule as FlattenRule,
     PadRule as PadRule,
+    PermuteRule as PermuteRule,
+    ReshapeRule as ReshapeRule,
     SliceRule as SliceRule,
     cat as cat,
     flatten as flatten,
     pad as pad,
+    permute as permute,
+    reshape as reshape,
     slice_ as slice_,
 )
 from arqc.passes.ops.quant import RequantRule as RequantRule

@@ -52,6 +52,11 @@ class OpRule:
         """Positional arguments of ``fn`` for a source node (``module`` is set for call_module sources)."""
         return tuple(node.args)
 
+    def refine(self, node: torch.fx.Node) -> OpRule:
+        """The entry for this source node: itself, or a more specific one when several entries share a source
+        (a view that flattens is ``flatten``, any other view ``reshape``)."""
+        return self
+
     # -- analysis --------------------------------------------------------------------------------------
     def macs(self, node: torch.fx.Node, module: nn.Module | None, out_shape: tuple[int, ...]) -> int:
         return 0

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from arqc.passes.ops.base import OpRule, _PassThrough, aten, register
+from arqc.passes.ops.base import RULES, OpRule, _PassThrough, aten, register
 from arqc.passes.ops.rounding import _f32
 
 
@@ -38,6 +38,15 @@ class FlattenRule(_PassThrough):
                aten.view.default, aten.reshape.default, torch.reshape, "view", "reshape")
     fn = staticmethod(flatten)
 
+    def refine(self, node):
+        in_shape, out_shape = node.args[0].meta["tensor_meta"].shape, node.meta["tensor_meta"].shape
+        flattens = len(out_shape) == 2 and out_shape[0] == in_shape[0]
+        return self if flattens or self._explicit(node) else RULES["reshape"]
+
+    @staticmethod
+    def _explicit(node) -> bool:  # nn.Flatten / torch.flatten (checked in canonical_args), not a view
+        return node.target not in (aten.view.default, aten.reshape.default, torch.reshape, "view", "reshape")
+
     def canonical_args(self, node, module):
         in_shape = node.args[0].meta["tensor_meta"].shape
         out_shape = node.meta["tensor_meta"].shape
@@ -47,6 +56,59 @@ class FlattenRule(_PassThrough):
 
     def lower(self, b, node, args):
         return b.op("Flatten", [args[0]], node.name, axis=1)
+
+
+def reshape(x, shape):
+    return x.reshape(x.shape[0], *shape)
+
+
+def permute(x, perm):
+    return x.permute(perm)
+
+
+@register
+class ReshapeRule(_PassThrough):
+    """A view/reshape that keeps the batch dimension (channel shuffles, token grids); flattening views stay
+    ``flatten``. A rearrangement of its input's values: bounds and grids pass through."""
+
+    kind = "reshape"
+    sources = ()  # reached through FlattenRule.refine: view and reshape are its sources
+    fn = staticmethod(reshape)
+
+    def canonical_args(self, node, module):
+        in_shape, out_shape = node.args[0].meta["tensor_meta"].shape, node.meta["tensor_meta"].shape
+        if out_shape[0] != in_shape[0]:
+            raise NotImplementedError(f"{node.target} to shape {tuple(out_shape)} moves the batch dimension")
+        return (node.args[0], tuple(int(d) for d in out_shape[1:]))
+
+    def lower(self, b, node, args):  # 0 copies the (dynamic) batch dimension
+        shape = b.const(np.array([0, *node.args[1]], dtype=np.int64), f"{node.name}_shape")
+        return b.op("Reshape", [args[0], shape], node.name)
+
+
+@register
+class PermuteRule(_PassThrough):
+    """permute / transpose of the non-batch dimensions."""
+
+    kind = "permute"
+    sources = (torch.permute, aten.permute.default, "permute", torch.transpose, aten.transpose.int, "transpose")
+    fn = staticmethod(permute)
+
+    def canonical_args(self, node, module):
+        rank = len(node.args[0].meta["tensor_meta"].shape)
+        if node.target in (torch.transpose, aten.transpose.int, "transpose"):
+            a, c = (int(d) % rank for d in node.args[1:3])
+            perm = list(range(rank))
+            perm[a], perm[c] = perm[c], perm[a]
+        else:
+            dims = node.args[1:] if len(node.args) > 2 or isinstance(node.args[1], int) else node.args[1]
+            perm = [int(d) % rank for d in dims]
+        if perm[0] != 0:
+            raise NotImplementedError(f"{node.target} moves the batch dimension")
+        return (node.args[0], tuple(perm))
+
+    def lower(self, b, node, args):
+        return b.op("Transpose", [args[0]], node.name, perm=list(node.args[1]))
 
 
 @register
