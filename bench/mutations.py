@@ -120,6 +120,9 @@ MUTATIONS = [
              '"flatten", "reshape", "permute", "slice"', '"flatten", "slice"', ("tests/test_float_ops.py",)),
     Mutation("every chunk piece starts at 0", "passes/capture.py",
              "    start = sum(sizes[:i])", "    start = 0", ("tests/test_float_ops.py",)),
+    Mutation("standalone BatchNorm bounds ignore negative scales", "passes/ops/elementwise.py",
+             "low, high = torch.minimum(a, b) + shift, torch.maximum(a, b) + shift", "low, high = a + shift, b + shift",
+             ("tests/test_float_ops.py",)),
     Mutation("sub-8-bit requantization of a grid never clips", "passes/lower.py",
              "        if clip:\n", "        if False:\n", ("tests/test_lower.py",)),
 ]

@@ -276,13 +276,44 @@ def _make_layer_module(gm: torch.fx.GraphModule, node: torch.fx.Node, rule: ops.
     node.op, node.target, node.args, node.kwargs = "call_module", path, (node.args[0],), {}
 
 
+def _batchnorm_outputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes that carry a BatchNorm's result (the getitem 0 of the aten variant that returns a tuple)."""
+    if node.target is torch.ops.aten._native_batch_norm_legit_no_training.default:
+        return [u for u in node.users if u.target is operator.getitem]
+    return [node]
+
+
+def _standalone_batchnorm(gm: torch.fx.GraphModule, node: torch.fx.Node, gamma, beta, mean, var, eps) -> None:
+    """A BatchNorm that no conv precedes (DenseNet's after a concat) becomes the per-channel ``affine`` entry,
+    x·scale + shift, with both constants as buffers of the graph module."""
+    rank = len(node.args[0].meta["tensor_meta"].shape)
+    with torch.no_grad():
+        scale = torch.rsqrt(var.double() + eps) * (1 if gamma is None else gamma.double())
+        shift = (0 if beta is None else beta.double()) - mean.double() * scale
+    shape = (-1,) + (1,) * (rank - 2)
+    rule = ops.RULES["affine"]
+    names = []
+    for what, value in (("scale", scale), ("shift", shift)):
+        name = f"arqc_affine_{node.name}_{what}"
+        gm.register_buffer(name, value.float().reshape(shape).contiguous())
+        names.append(name)
+    with gm.graph.inserting_before(node):
+        constants = [gm.graph.get_attr(name) for name in names]
+        for c in constants:
+            c.meta[KEY] = NodeInfo(kind="constant")
+        value = gm.graph.call_function(rule.fn, (node.args[0], *constants))
+        value.meta[KEY] = NodeInfo(kind=rule.kind)
+        value.meta["tensor_meta"] = node.meta.get("tensor_meta")
+    for out in _batchnorm_outputs(node):
+        out.replace_all_uses_with(value)
+        if out is not node:
+            gm.graph.erase_node(out)
+    gm.graph.erase_node(node)
+
+
 def _fold_batchnorm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     """Fold an inference-mode BatchNorm into the conv (or linear) that feeds it, and drop it."""
     producer = node.args[0]
-    if not (producer.op == "call_module" and producer.meta.get(KEY) and producer.meta[KEY].quantizable
-            and len(producer.users) == 1):
-        raise ArqcError(f"BatchNorm node '{node.name}' does not directly follow a conv layer; arqc folds "
-                        "BatchNorm into the preceding conv only")
     if node.op == "call_module":
         bn = gm.get_submodule(node.target)
         gamma, beta, mean, var, eps = bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
@@ -290,6 +321,10 @@ def _fold_batchnorm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         args = list(node.args)
         gamma, beta, mean, var = (_constant(gm, a) for a in args[1:5])
         eps = args[7] if node.target is torch.ops.aten.batch_norm.default else args[6]
+    if not (producer.op == "call_module" and producer.meta.get(KEY) and producer.meta[KEY].quantizable
+            and len(producer.users) == 1):
+        _standalone_batchnorm(gm, node, gamma, beta, mean, var, eps)
+        return
     layer = gm.get_submodule(producer.target)
     with torch.no_grad():
         inv = torch.rsqrt(var.double() + eps)
@@ -302,9 +337,7 @@ def _fold_batchnorm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
             layer.bias = nn.Parameter(new_bias.float())
         else:
             layer.bias.copy_(new_bias.float())
-    outputs = [u for u in node.users if u.target is operator.getitem] if node.target is \
-        torch.ops.aten._native_batch_norm_legit_no_training.default else [node]
-    for out in outputs:
+    for out in _batchnorm_outputs(node):
         out.replace_all_uses_with(producer)
         if out is not node:
             gm.graph.erase_node(out)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import settle_batchnorm
 from torch import nn
 
 from arqc.base import ArqcError
@@ -110,10 +111,16 @@ def test_batchnorm_after_a_biased_conv_and_after_a_linear_input():
         torch.testing.assert_close(run(gm, x), run(model, x), rtol=1e-5, atol=1e-5)
 
 
-def test_batchnorm_without_a_conv_is_refused():
-    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1)).eval()
-    with pytest.raises(ArqcError, match="does not directly follow a conv"):
-        capture(model, torch.zeros(1, 3, 4, 4))
+def test_batchnorm_without_a_conv_becomes_a_per_channel_affine():
+    """A BatchNorm that no conv feeds (DenseNet's after a concat) is the ``affine`` entry, in both capture paths."""
+    model = settle_batchnorm(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1)), (3, 4, 4)).eval()
+    x = torch.randn(5, 3, 4, 4)
+    for source in (model, torch.export.export(model, (x[:1],))):
+        gm = capture(source, x[:1])
+        assert_canonical(gm)
+        kinds = [info(n).kind for n in gm.graph.nodes if n.op in ("call_function", "call_module")]
+        assert kinds == ["affine", "conv2d"], kinds
+        torch.testing.assert_close(run(gm, x), run(model, x), rtol=1e-5, atol=1e-5)
 
 
 class DataDependent(nn.Module):

@@ -1,5 +1,7 @@
 """Ops that run in float between quantized ops: the activations of passes/ops/activations.py (sigmoid, tanh,
-hardsigmoid, hardswish, silu, gelu in both modes) and the mean over dimensions (passes/ops/pooling.py).
+hardsigmoid, hardswish, silu, gelu in both modes), the mean over dimensions (passes/ops/pooling.py) and the
+per-channel affine of a standalone BatchNorm (passes/ops/elementwise.py); and the rearrangements reshape,
+permute and chunk (passes/ops/shape.py, passes/capture.py).
 
 Oracles: brute force (the float32 forward of torch itself on many points of each interval, the interval's ends
 and the neighbourhood of the interior minimum) for the interval rules; onnxruntime for the lowering; torchvision's
@@ -206,11 +208,26 @@ def test_a_view_that_moves_the_batch_is_refused():
         capture(Fold().eval(), torch.rand(2, 3, 4, 4))
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5", "shufflenet_v2_x0_5"])
+def test_affine_bounds_contain_the_float32_forward():
+    """The standalone BatchNorm's rule, with scales of both signs: brute force on the corners and inside."""
+    rule = ops.RULES["affine"]
+    g = torch.Generator().manual_seed(4)
+    scale, shift = torch.randn(6, 1, 1, generator=g) * 3, torch.randn(6, 1, 1, generator=g) * 5
+    x = torch.randn(4, 6, 5, 5, generator=g) * 4
+    lo, hi = (x - 0.25).double(), (x + 0.25).double()
+    b_lo, b_hi = rule.interval(None, None, [lo, scale, shift], [hi, scale, shift], sound=True)
+    for z in [lo.float(), hi.float()] + [(lo + (hi - lo) * torch.rand_like(lo)).float() for _ in range(50)]:
+        y = ops.affine(z, scale, shift).double()
+        assert bool(((y >= b_lo) & (y <= b_hi)).all())
+    assert bool((b_hi - b_lo <= 0.5 * scale.abs().double() + 1e-4).all())  # tight: the box's width times |scale|
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5", "shufflenet_v2_x0_5",
+                                  "densenet121"])
 def test_torchvision_families_with_these_ops_compile(name):
     """mobilenet_v3_small (hardswish, hardsigmoid squeeze-excite), efficientnet_b0 (silu, sigmoid gates,
-    stochastic depth), mnasnet0_5 (x.mean([2, 3])) and shufflenet_v2_x0_5 (chunk, channel shuffle) capture,
-    lower at W8A8 and run in onnxruntime like the simulation."""
+    stochastic depth), mnasnet0_5 (x.mean([2, 3])), shufflenet_v2_x0_5 (chunk, channel shuffle) and densenet121
+    (BatchNorm after a concat) capture, lower at W8A8 and run in onnxruntime like the simulation."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=10).eval()
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))

@@ -18,8 +18,10 @@ The package (passes/ops/) has one module per part:
 - ``rounding``: the float-rounding machinery of sound bounds (unit roundoff, :func:`rounding_margin`, the
   widening helpers);
 - ``layers``: the quantizable layers conv2d and linear, their interval helpers (:func:`layer_operands`), and
-  ``BATCHNORM_SOURCES`` (batch norm is no entry: capture folds it into the layer before it);
-- ``elementwise``: relu, clamp, add, sub, mul, div;
+  ``BATCHNORM_SOURCES`` (batch norm is no entry: capture folds it into the layer before it, or makes it an
+  ``affine`` when no layer precedes it);
+- ``elementwise``: relu, clamp, add, sub, mul, div, and the per-channel affine a BatchNorm that no conv precedes
+  becomes;
 - ``activations``: sigmoid, tanh, hardsigmoid, hardswish, silu, gelu (float between quantized ops; sound
   rules for the non-monotone ones);
 - ``pooling``: max pool, avg pool, adaptive avg pool, mean over dimensions;
@@ -65,6 +67,7 @@ from arqc.passes.ops.layers import (
 )
 from arqc.passes.ops.elementwise import (
     AddRule as AddRule,
+    AffineRule as AffineRule,
     ClampRule as ClampRule,
     DivRule as DivRule,
     MulRule as MulRule,
@@ -74,6 +77,7 @@ from arqc.passes.ops.elementwise import (
     _product_error as _product_error,
     _sum_error as _sum_error,
     add as add,
+    affine as affine,
     clamp as clamp,
     div as div,
     mul as mul,

@@ -178,3 +178,28 @@ class DivRule(_Binary):
                                                         hi[0] / hi[1]))
         low, high = quotients.min(0).values, quotients.max(0).values
         return _widen(low, high, lambda: _product_error(low, high), sound)
+
+
+def affine(x, scale, shift):
+    return x * scale + shift
+
+
+@register
+class AffineRule(OpRule):
+    """A per-channel x·scale + shift with constant scale and shift: what a BatchNorm that no conv precedes
+    becomes at capture (its sources are none: capture builds it). Float between quantized ops."""
+
+    kind = "affine"
+    fn = staticmethod(affine)
+
+    def interval(self, node, module, lo, hi, sound=True):
+        scale, shift = lo[1], lo[2]
+        a, b = lo[0] * scale, hi[0] * scale
+        low, high = torch.minimum(a, b) + shift, torch.maximum(a, b) + shift
+        # float32 x·s + t: two roundings, the constants' own (already float32), and ours
+        return _widen(low, high, lambda: (4 * rounding.U32 + 4 * _u(low)) * (_abs_max(a, b) + shift.abs())
+                      + rounding.TINY, sound)
+
+    def lower(self, b, node, args):
+        product = b.op("Mul", [args[0], args[1]], f"{node.name}_scale")
+        return b.op("Add", [product, args[2]], node.name)
