@@ -106,11 +106,11 @@ def session(model: bytes, threads: int) -> tuple[ort.InferenceSession, str, int]
     return s, census, floats
 
 
-def openvino_session(model: bytes, threads: int) -> tuple[OpenVinoBackend, str, int] | None:
+def openvino_session(model: bytes, threads: int, batch: int) -> tuple[OpenVinoBackend, str, int] | None:
     """The same file in OpenVINO's CPU plugin, and a census of the convolutions and fully connected layers it
     runs in int8 and in float (from its runtime graph); None when the extra arqc[openvino] is missing."""
     try:
-        backend = OpenVinoBackend(model, threads=threads)
+        backend = OpenVinoBackend(model, batch_size=batch, threads=threads)
     except ArqcError:
         return None
     kinds = []
@@ -123,8 +123,8 @@ def openvino_session(model: bytes, threads: int) -> tuple[OpenVinoBackend, str, 
 
 
 def run_all(s, x: np.ndarray, batch: int) -> np.ndarray:
-    if isinstance(s, OpenVinoBackend):
-        return np.concatenate([s._run(x[i:i + batch]) for i in range(0, len(x), batch)])
+    if isinstance(s, OpenVinoBackend):  # built with batch_size=batch
+        return s.logits(x)
     return np.concatenate([s.run(None, {"input": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
 
@@ -135,7 +135,7 @@ def measure(models: dict[str, tuple[bytes, float | None]], x: np.ndarray, y: np.
     built = {}
     for name, (data, _) in models.items():
         built[name] = session(data, args.threads)
-        if not args.no_openvino and (ov := openvino_session(data, args.threads)) is not None:
+        if not args.no_openvino and (ov := openvino_session(data, args.threads, args.batch)) is not None:
             built[f"{name} | openvino"] = ov
     accuracy = {}
     for name, (s, _, _) in built.items():  # warm-up, and a sanity check of every model

@@ -37,11 +37,18 @@ class Backend(abc.ABC):
     name: str
     runtime: str  # the executor in words (version, settings): what a certificate computed here holds for
     batch_size: int
+    fixed_batch: int | None = None  # a model with a fixed batch dimension: every chunk is padded to it
 
     def __init__(self, batch_size: int) -> None:
         if batch_size < 1:
             raise ArqcError(f"backend batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
+
+    def _fix_batch(self, fixed) -> None:
+        """Record a fixed batch dimension (a positive int; anything else means dynamic): chunks take its size."""
+        self.fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
+        if self.fixed_batch is not None:
+            self.batch_size = self.fixed_batch
 
     @abc.abstractmethod
     def _run(self, x: np.ndarray) -> np.ndarray:
@@ -56,8 +63,15 @@ class Backend(abc.ABC):
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 4:
             raise ArqcError(f"backend input must be a batch [B, C, H, W], got shape {tuple(x.shape)}")
-        chunks = [self._run(x[i : i + self.batch_size]) for i in range(0, max(len(x), 1), self.batch_size)]
+        chunks = [self._padded_run(x[i : i + self.batch_size]) for i in range(0, max(len(x), 1), self.batch_size)]
         return np.concatenate(chunks).astype(np.float32, copy=False)
+
+    def _padded_run(self, x: np.ndarray) -> np.ndarray:
+        """``_run`` of a chunk, padded with zero rows to a fixed batch dimension and cut back."""
+        rows = len(x)
+        if self.fixed_batch is not None and rows < self.fixed_batch:
+            x = np.concatenate([x, np.zeros((self.fixed_batch - rows, *x.shape[1:]), np.float32)])
+        return self._run(x)[:rows]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """int64 top class of every row of a batch [B, C, H, W]."""
@@ -140,18 +154,12 @@ class OrtBackend(Backend):
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
         self.output_name = self.session.get_outputs()[0].name
-        fixed = model_input.shape[0] if model_input.shape else None
-        self.fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
-        if self.fixed_batch is not None:
-            self.batch_size = self.fixed_batch
+        self._fix_batch(model_input.shape[0] if model_input.shape else None)
         self._digest = hashlib.sha256(self.model_bytes).hexdigest()
         self.runtime = f"onnxruntime {ort.__version__} (CPUExecutionProvider, {opt_level})"
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        rows = len(x)
-        if self.fixed_batch is not None and rows < self.fixed_batch:
-            x = np.concatenate([x, np.zeros((self.fixed_batch - rows, *x.shape[1:]), np.float32)])
-        return self.session.run([self.output_name], {self.input_name: x})[0][:rows]
+        return self.session.run([self.output_name], {self.input_name: x})[0]
 
     def fingerprint(self) -> str:
         """sha256 of the serialized model file."""
@@ -194,9 +202,7 @@ class OpenVinoBackend(Backend):
                             "file") from None
         self.request = self.compiled.create_infer_request()
         first = self.compiled.inputs[0].get_partial_shape()
-        self.fixed_batch = first[0].get_length() if first.rank.is_static and first[0].is_static else None
-        if self.fixed_batch is not None:
-            self.batch_size = self.fixed_batch
+        self._fix_batch(first[0].get_length() if first.rank.is_static and first[0].is_static else None)
         self.cpu = core.get_property("CPU", "FULL_DEVICE_NAME")
         self.version = ov.get_version()
         self.runtime = f"openvino {self.version} (CPU plugin: {self.cpu})"
@@ -206,11 +212,8 @@ class OpenVinoBackend(Backend):
         self._digest = h.hexdigest()
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        rows = len(x)
-        if self.fixed_batch is not None and rows < self.fixed_batch:  # a fixed batch dimension: pad the last chunk
-            x = np.concatenate([x, np.zeros((self.fixed_batch - rows, *x.shape[1:]), np.float32)])
         result = self.request.infer({0: x})
-        return np.array(result[self.compiled.outputs[0]][:rows], dtype=np.float32, copy=True)
+        return np.array(result[self.compiled.outputs[0]], dtype=np.float32, copy=True)
 
     def fingerprint(self) -> str:
         """sha256 of the model bytes, the OpenVINO version, the CPU and the inference settings."""
@@ -281,7 +284,7 @@ class ComparingBackend(Backend):
 
     @property
     def runtime(self) -> str:
-        return getattr(self.primary, "runtime", self.primary.name)
+        return self.primary.runtime
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         logits = self.primary.logits(x)
