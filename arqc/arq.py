@@ -241,10 +241,7 @@ class Run:
         report = build_report(s, policy, profile(self.prep.gm), quantized, fp32, episodes, self.timings)
         report["certification"]["runtime"] = backend.runtime
         checked = check_comparisons(comparisons, check.alpha, check.max_disagreement)
-        if checked["verification"] is not None:
-            report["verification"] = checked["verification"]
-        if checked["runtime_comparison"] is not None:
-            report["runtime_comparison"] = checked["runtime_comparison"]
+        report |= {key: value for key, value in checked.items() if value is not None}
         quantized.data = self.test.spec
         attach(model, {"arqc.certificate_l2": l2_certificate(quantized, backend.runtime, data),
                        "arqc.report": report})

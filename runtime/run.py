@@ -278,23 +278,22 @@ def check_comparisons(comparisons: list[ComparingBackend], alpha: float, max_dis
     None when not asked), logged with rates and Clopper–Pearson bounds; ArqcError above ``max_disagreement``."""
     out = {"verification": None, "runtime_comparison": None}
     for cb in comparisons:
-        k, total = cb.disagreements, cb.samples
-        log(f"{cb.runtime} vs {cb.label}: {k} of {total} noisy samples disagree (rate {k / max(total, 1):.2e}, "
-            f"{100 * (1 - alpha):g}% Clopper-Pearson upper bound {upper_confidence_bound(k, total, alpha):.2e}; "
-            f"allowed {max_disagreement})")
         key = "verification" if isinstance(cb.reference, TorchBackend) else "runtime_comparison"
-        out[key] = check_disagreement(cb, alpha, max_disagreement)
+        out[key] = check_disagreement(cb, alpha, max_disagreement, log)
     return out
 
 
-def check_disagreement(backend: ComparingBackend, alpha: float, max_disagreement: float) -> dict:
+def check_disagreement(backend: ComparingBackend, alpha: float, max_disagreement: float, log: Log = quiet) -> dict:
     """How often the primary and reference models of ``backend`` disagreed on the same noisy samples, with
-    the one-sided Clopper–Pearson upper bound at level α; ArqcError when the rate exceeds ``max_disagreement``."""
+    the one-sided Clopper–Pearson upper bound at level α (logged in one line); ArqcError when the rate exceeds
+    ``max_disagreement``."""
     k, total = backend.disagreements, backend.samples
     rate = k / total if total else 0.0
     report = {"runtime": backend.runtime, "reference": backend.label, "samples": total, "disagreements": k,
               "rate": rate, "upper_bound": upper_confidence_bound(k, total, alpha) if total else 1.0, "alpha": alpha,
               "max_disagreement": max_disagreement, "passed": rate <= max_disagreement}
+    log(f"{backend.runtime} vs {backend.label}: {k} of {total} noisy samples disagree (rate {rate:.2e}, "
+        f"{100 * (1 - alpha):g}% Clopper-Pearson upper bound {report['upper_bound']:.2e}; allowed {max_disagreement})")
     if not report["passed"]:
         raise ArqcError(f"the ONNX model in {backend.name} disagrees with the {backend.label} on {k} of {total} "
                         f"noisy samples (rate {rate:.4f} > --max-disagreement {max_disagreement}); nothing "
