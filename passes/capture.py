@@ -276,6 +276,12 @@ def _make_layer_module(gm: torch.fx.GraphModule, node: torch.fx.Node, rule: ops.
     node.op, node.target, node.args, node.kwargs = "call_module", path, (node.args[0],), {}
 
 
+def _bn_scale(gamma, var, eps) -> torch.Tensor:
+    """A BatchNorm's per-channel scale γ / sqrt(var + eps), in float64."""
+    inv = torch.rsqrt(var.double() + eps)
+    return inv if gamma is None else gamma.double() * inv
+
+
 def _batchnorm_outputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     """The nodes that carry a BatchNorm's result (the getitem 0 of the aten variant that returns a tuple)."""
     if node.target is torch.ops.aten._native_batch_norm_legit_no_training.default:
@@ -288,7 +294,7 @@ def _standalone_batchnorm(gm: torch.fx.GraphModule, node: torch.fx.Node, gamma, 
     x·scale + shift, with both constants as buffers of the graph module."""
     rank = len(node.args[0].meta["tensor_meta"].shape)
     with torch.no_grad():
-        scale = torch.rsqrt(var.double() + eps) * (1 if gamma is None else gamma.double())
+        scale = _bn_scale(gamma, var, eps)
         shift = (0 if beta is None else beta.double()) - mean.double() * scale
     shape = (-1,) + (1,) * (rank - 2)
     rule = ops.RULES["affine"]
@@ -327,8 +333,7 @@ def _fold_batchnorm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         return
     layer = gm.get_submodule(producer.target)
     with torch.no_grad():
-        inv = torch.rsqrt(var.double() + eps)
-        g = inv if gamma is None else gamma.double() * inv
+        g = _bn_scale(gamma, var, eps)
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
         layer.weight.copy_((layer.weight.double() * g.reshape(shape)).float())
         old_bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(mean, dtype=torch.float64)
