@@ -52,6 +52,10 @@ def simulation_from_onnx(path: str, source: str | None = None, trust_pickle: boo
         m = sim.get_submodule(node.target)
         if layer in meta["arqc.calibration"]:
             m.act = ActQuant(**meta["arqc.calibration"][layer])
+        if f"{layer}.second" in meta["arqc.calibration"]:
+            m.second.act = ActQuant(**meta["arqc.calibration"][f"{layer}.second"])
+        if info(node).kind == "matmul":  # no weights
+            continue
         onnx_node = by_name[meta["arqc.layers"][layer]]
         weight, scale = _operand(onnx_node.input[1], values, producers)
         with torch.no_grad():

@@ -41,7 +41,7 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 METADATA_KEYS = ("arqc.version", "arqc.semantics", "arqc.policy", "arqc.calibration", "arqc.requant",
                  "arqc.settings", "arqc.layers")
 # The kinds whose operands on a grid go through their own DequantizeLinear (see the module docstring).
-INTEGER_CONSUMERS = ("conv2d", "linear", "max_pool2d", *REQUANTIZED_OPS)
+INTEGER_CONSUMERS = ("conv2d", "linear", "matmul", "max_pool2d", *REQUANTIZED_OPS)
 
 
 @dataclass
@@ -191,18 +191,18 @@ class OnnxBuilder:
             q = self.op("Clip", [q, *codes], f"{name}_x_clip")
         return self.op("DequantizeLinear", [q, scale, zero_point], f"{name}_x_dq")
 
-    def layer_operands(self, node: torch.fx.Node, x: str) -> tuple[str, str, str | None]:
-        """Names of the (dequantized) input, weight and bias of a conv/linear layer."""
+    def layer_operands(self, node: torch.fx.Node, x: str, transposed: bool = False) -> tuple[str, str, str | None]:
+        """Names of the (dequantized) input, weight and bias of a conv/linear layer; ``transposed``: a linear
+        layer's weight as the (in, out) matrix of a MatMul, its per-channel scales along axis 1."""
         m = self.module(node)
         name = node.name
-        self.layer_nodes[info(node).layer] = name
+        x = self._layer_input(node, m, x)
         quant = isinstance(m, QuantLayer)
-        if quant and m.a_bits < FP32 and not m.grid_input:  # a grid input is its grid's DequantizeLinear
-            x = self.quantize_activation(x, m.act, name)
         if quant and m.w_bits < FP32:
-            w = self._dequantized_weight(m, name)
+            w = self._dequantized_weight(m, name, transposed)
         else:
-            w = self.const(m.weight.detach().numpy().astype(np.float32), f"{name}_weight")
+            weight = m.weight.detach().numpy().astype(np.float32)
+            w = self.const(weight.T.copy() if transposed else weight, f"{name}_weight")
         if m.bias is None:
             return x, w, None
         bias_scale = m.bias_scale() if quant else None
@@ -216,11 +216,30 @@ class OnnxBuilder:
         z = self.const(np.zeros_like(b_int, dtype=np.int32), f"{name}_bias_zero_point")
         return x, w, self.op("DequantizeLinear", [b, s, z], f"{name}_bias_dq", axis=0)
 
-    def _dequantized_weight(self, m: QuantLayer, name: str) -> str:
+    def _layer_input(self, node: torch.fx.Node, m: torch.nn.Module, x: str) -> str:
+        """A layer's (first) input through its quantizer; records the layer's node name."""
+        self.layer_nodes[info(node).layer] = node.name
+        if isinstance(m, QuantLayer) and m.a_bits < FP32 and not m.grid_input:  # a grid input: its grid's DQ
+            x = self.quantize_activation(x, m.act, node.name)
+        return x
+
+    def matmul_operands(self, node: torch.fx.Node, a: str, b: str) -> tuple[str, str]:
+        """Names of the (dequantized) operands of a matmul layer: the first through the layer's input quantizer,
+        the second through its own (w_bits, per tensor)."""
+        m = self.module(node)
+        a = self._layer_input(node, m, a)
+        second = getattr(m, "second", None)
+        if second is not None and second.bits < FP32 and not second.grid_input:
+            b = self.quantize_activation(b, second.act, f"{node.name}_second")
+        return a, b
+
+    def _dequantized_weight(self, m: QuantLayer, name: str, transposed: bool = False) -> str:
         qmax = 2 ** (m.w_bits - 1) - 1
         scale = m.weight_scale()
         w_int = torch.round(m.weight.detach() / scale).clamp(-qmax, qmax).to(torch.int8).numpy()
         channels = w_int.shape[0]
+        if transposed:
+            w_int = w_int.T.copy()
         if self.int4_weights and m.w_bits <= 4:
             w = self._unique(f"{name}_weight_int4")
             self.initializers[w] = helper.make_tensor(w, TensorProto.INT4, w_int.shape, w_int.flatten().tolist())
@@ -230,7 +249,7 @@ class OnnxBuilder:
             w = self.const(w_int, f"{name}_weight_int{m.w_bits}")
             zero = self.const(np.zeros(channels, np.int8), f"{name}_weight_zero_point")
         s = self.const(scale.flatten().numpy().astype(np.float32), f"{name}_weight_scale")
-        return self.op("DequantizeLinear", [w, s, zero], f"{name}_weight_dq", axis=0)
+        return self.op("DequantizeLinear", [w, s, zero], f"{name}_weight_dq", axis=1 if transposed else 0)
 
 
 def lower(sim: torch.fx.GraphModule, settings: dict | None = None, int4_weights: bool = False,
@@ -279,6 +298,8 @@ def _set_metadata(model: onnx.ModelProto, sim: torch.fx.GraphModule, layer_nodes
         policy[meta.layer] = {"w_bits": meta.w_bits, "a_bits": meta.a_bits}
         if meta.act is not None:
             calibration[meta.layer] = vars(meta.act)
+        if meta.second is not None:
+            calibration[f"{meta.layer}.second"] = vars(meta.second)
     requant = {node.target: vars(info(node).act) for node in requant_nodes(sim)}
     props = {"arqc.version": __version__, "arqc.semantics": SEMANTICS, "arqc.policy": policy,
              "arqc.calibration": calibration, "arqc.requant": requant, "arqc.settings": settings,

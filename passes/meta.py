@@ -68,6 +68,7 @@ class NodeInfo:
     w_bits: int = FP32
     a_bits: int = FP32
     act: ActQuant | None = None  # a layer's input quantizer, or a requant node's grid (None = float input)
+    second: ActQuant | None = None  # a matmul layer's second-operand quantizer (w_bits; None = float)
     # the requant node (its module's target) whose 8-bit grid this node's output lies on: set on requant nodes
     # and on the ops that keep their input's grid (relu, max pool, flatten, reshape, permute, slice, zero pad);
     # None = float
@@ -88,5 +89,5 @@ def info(node: torch.fx.Node) -> NodeInfo:
 
 
 def quantizable_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    """The quantizable layers (conv2d, linear) in graph order."""
+    """The quantizable layers (conv2d, linear, matmul) in graph order."""
     return [n for n in gm.graph.nodes if KEY in n.meta and n.meta[KEY].quantizable]

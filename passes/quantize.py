@@ -13,6 +13,8 @@ For a quantizable layer with precision (w_bits, a_bits):
 - weights (w_bits < 32): symmetric per output channel, q = clamp(round(w / s_c), -(2^(b-1) - 1), 2^(b-1) - 1),
   s_c = max|w_c| / (2^(b-1) - 1);
 - bias, when both are quantized: int32 with scale s·s_c (what integer kernels add), else float;
+- a matmul of two activations (:class:`QuantMatMul`): the first operand as the input above (a_bits), the second
+  per tensor, affine, at w_bits (:class:`OperandQuant`), each reading its 8-bit grid as it is at 8 bits;
 - rounding is half to even (torch.round), like ONNX QuantizeLinear.
 Integer-only inference (DESIGN §2, semantics version 2, :data:`~arqc.passes.meta.SEMANTICS`): every tensor that
 runs from one quantized op to the next lives on an 8-bit grid. :func:`integerize` inserts a requant node (a
@@ -29,6 +31,7 @@ can be fine-tuned.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -39,6 +42,7 @@ import torch.fx
 from torch import nn
 
 from arqc.passes.meta import FP32, KEY, REQUANT_BITS, SEMANTICS, ActQuant, NodeInfo, info, quantizable_nodes
+from arqc.passes.ops.layers import MatMul
 
 INT32_BOUND = 2**31 - 2**7  # the largest float32 below 2^31: the int32 bias range, exact in float32 too
 
@@ -118,6 +122,18 @@ class _Observer:
             raise RuntimeError("calibration saw no data")
         return act_quant(*self.observed, bits, signed, self.scales, self.method, even_zero)
 
+    def _quantize(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        """``x`` through this quantizer at ``bits`` (observed instead while calibrating; 32 = float)."""
+        if bits >= FP32:
+            return x
+        if self.calibrating:
+            self.observe(x)
+            return x
+        if self.act is None:
+            raise RuntimeError(f"{type(self).__name__} with bits={bits} used before calibration")
+        a = self.act
+        return fake_quant(x, a.scale, a.zero_point, a.qmin, a.qmax)
+
 
 class QuantLayer(_Observer):
     """Mixed into nn.Conv2d / nn.Linear: the quantizers of one layer (bits, calibration, STE forward)."""
@@ -142,15 +158,7 @@ class QuantLayer(_Observer):
         return self.grid_source is not None
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.a_bits >= FP32 or self.grid_input:
-            return x
-        if self.calibrating:
-            self.observe(x)
-            return x
-        if self.act is None:
-            raise RuntimeError(f"{type(self).__name__} with a_bits={self.a_bits} used before calibration")
-        a = self.act
-        return fake_quant(x, a.scale, a.zero_point, a.qmin, a.qmax)
+        return x if self.grid_input else self._quantize(x, self.a_bits)
 
     def weight_scale(self) -> torch.Tensor:
         if self.fixed_weight_scale is not None:
@@ -191,6 +199,51 @@ class QuantLinear(QuantLayer, nn.Linear):
         return nn.functional.linear(self.quantize_input(x), self.effective_weight(), self.effective_bias())
 
 
+class OperandQuant(_Observer, nn.Module):
+    """The quantizer of a matmul layer's second operand: per tensor, affine, at the layer's w_bits (DESIGN §2),
+    calibrated like an input quantizer; at 8 bits on an 8-bit grid it is that grid (``grid_source``)."""
+
+    def __init__(self, bits: int, signed: bool, scales: str = "float"):
+        super().__init__()
+        self.bits, self.signed, self.scales, self.method = bits, signed, scales, "minmax"
+        self.act: ActQuant | None = None
+        self.observed: tuple[float, float] | None = None
+        self.calibrating = False
+        self.grid_source: str | None = None
+
+    @property
+    def grid_input(self) -> bool:
+        return self.grid_source is not None
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grid_input:
+            return x
+        if self.calibrating:  # at every precision: a float operand's range serves the policies that quantize it
+            self.observe(x)
+            return x
+        return self._quantize(x, self.bits)
+
+    forward = quantize_input
+
+    def finish_calibration(self) -> None:
+        self.calibrating = False
+        if self.bits < FP32 and not self.grid_input:
+            self.act = self.calibrated(self.bits, self.signed)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}"
+
+
+class QuantMatMul(QuantLayer, MatMul):
+    """A matmul layer: the first operand through the layer's input quantizer (a_bits), the second through
+    ``second`` (an :class:`OperandQuant` at w_bits)."""
+
+    second: OperandQuant
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.quantize_input(a), self.second(b))
+
+
 class Requant(_Observer, nn.Module):
     """Requantization of a tensor between quantized ops to its 8-bit grid (DESIGN §2, integer-only inference):
     per tensor, affine, calibrated on what it sees, unsigned when its input is non-negative."""
@@ -203,13 +256,7 @@ class Requant(_Observer, nn.Module):
         self.calibrating = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calibrating:
-            self.observe(x)
-            return x
-        if self.act is None:
-            raise RuntimeError("Requant used before calibration")
-        a = self.act
-        return fake_quant(x, a.scale, a.zero_point, a.qmin, a.qmax)
+        return self._quantize(x, self.bits)
 
     def finish_calibration(self) -> None:
         self.calibrating = False
@@ -222,8 +269,8 @@ class Requant(_Observer, nn.Module):
 # Where integerize puts the tensors between quantized ops on 8-bit grids (DESIGN §2), by registry kind.
 FUSED_ACTIVATIONS = ("relu", "clamp")  # requantize after these when they directly follow the producer
 REQUANTIZED_OPS = ("add", "cat", "avg_pool2d", "adaptive_avg_pool2d")  # requantized when their inputs are on grids
-GRID_KEEPING_OPS = ("relu", "max_pool2d", "flatten", "reshape", "permute", "slice", "pad")  # exact on a grid
-# (pad: with zeros)
+# exact on a grid (pad: with zeros)
+GRID_KEEPING_OPS = ("relu", "max_pool2d", "flatten", "reshape", "permute", "slice", "select", "roll", "pad")
 
 
 def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -256,6 +303,8 @@ def integerize(sim: torch.fx.GraphModule, scales: str = "float", method: str = "
         source = _grid(inputs[0]) if inputs else None
         if meta.quantizable and source is not None and meta.a_bits == REQUANT_BITS:
             sim.get_submodule(node.target).grid_source = source
+        if meta.kind == "matmul" and _grid(node.args[1]) is not None and meta.w_bits == REQUANT_BITS:
+            sim.get_submodule(node.target).second.grid_source = _grid(node.args[1])
         if meta.kind in GRID_KEEPING_OPS and source is not None and (meta.kind != "pad" or node.args[2] == 0):
             meta.grid = source
         if not _integer_producer(sim, node):
@@ -280,6 +329,36 @@ def integerize(sim: torch.fx.GraphModule, scales: str = "float", method: str = "
     return sim
 
 
+@contextlib.contextmanager
+def one_layer_quantized(sim: torch.fx.GraphModule, layer: str, w_bits: int, a_bits: int,
+                        ranges: dict[str, tuple[float, float]]):
+    """Within the block, ``layer`` of a simulation whose layers are all float (32, 32) quantizes its weights
+    (w_bits; a matmul: its second operand) or its input (a_bits), with activation ranges from ``ranges``
+    (:func:`observed_ranges`); restored on exit. The same function as :func:`simulate` of that one-layer policy
+    with those ranges (with one of the pair at 32 bits no op is an integer producer, so there is no requant
+    node), without copying the model for each probe: what the sensitivity proxy of the greedy baseline runs."""
+    if min(w_bits, a_bits) < FP32 and max(w_bits, a_bits) < FP32:
+        raise ValueError("one_layer_quantized quantizes weights or input, not both")
+    node = next(n for n in quantizable_nodes(sim) if info(n).layer == layer)
+    m = sim.get_submodule(node.target)
+    if m.w_bits != FP32 or m.a_bits != FP32:
+        raise ValueError("one_layer_quantized needs a simulation whose layers are all at 32 bits")
+    second = getattr(m, "second", None)
+    saved = (m.act, None if second is None else (second.bits, second.act))
+    m.w_bits, m.a_bits = w_bits, a_bits
+    if a_bits < FP32:
+        m.act = act_quant(*ranges[layer], a_bits, m.signed, m.scales, m.method)
+    if second is not None and w_bits < FP32:
+        second.bits = w_bits
+        second.act = act_quant(*ranges[f"{layer}.second"], w_bits, second.signed, second.scales, second.method)
+    try:
+        yield sim
+    finally:
+        m.w_bits, m.a_bits, m.act = FP32, FP32, saved[0]
+        if second is not None:
+            second.bits, second.act = saved[1]
+
+
 def requant_nodes(sim: torch.fx.GraphModule) -> list[torch.fx.Node]:
     """The requant nodes in graph order."""
     return [n for n in sim.graph.nodes if KEY in n.meta and info(n).kind == "requant"]
@@ -294,6 +373,11 @@ def link_grids(sim: torch.fx.GraphModule) -> None:
             if layer.grid_input:
                 layer.act = sim.get_submodule(layer.grid_source).act
             info(node).act = layer.act
+            if isinstance(layer, QuantMatMul):
+                second = layer.second
+                if second.grid_input:
+                    second.act = sim.get_submodule(second.grid_source).act
+                info(node).second = second.act
     for node in requant_nodes(sim):
         info(node).act = sim.get_submodule(node.target).act
 
@@ -307,13 +391,19 @@ def quant_state(gm: torch.nn.Module) -> str:
             state[name] = [m.w_bits, m.a_bits, m.grid_source, None if m.act is None else vars(m.act)]
         elif isinstance(m, Requant):
             state[name] = None if m.act is None else vars(m.act)
+        elif isinstance(m, OperandQuant):
+            state[name] = [m.bits, m.grid_source, None if m.act is None else vars(m.act)]
     return json.dumps({"semantics": SEMANTICS, "quantizers": state}) if state else ""
 
 
-def _quant_copy(module: nn.Module, w_bits: int, a_bits: int, signed: bool, scales: str) -> nn.Module:
+def _quant_copy(module: nn.Module, w_bits: int, a_bits: int, signed: tuple[bool, bool], scales: str) -> nn.Module:
+    """The quantized copy of a layer; ``signed``: whether its (first, second) operand's producer can be negative."""
     q = copy.deepcopy(module)
-    q.__class__ = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-    q._init_quant(w_bits, a_bits, signed, scales)
+    q.__class__ = QuantConv2d if isinstance(module, nn.Conv2d) else QuantMatMul if isinstance(module, MatMul) \
+        else QuantLinear
+    q._init_quant(w_bits, a_bits, signed[0], scales)
+    if isinstance(q, QuantMatMul):
+        q.second = OperandQuant(w_bits, signed[1], scales)
     return q
 
 
@@ -333,10 +423,11 @@ def simulate(gm: torch.fx.GraphModule, calibration: Iterable[torch.Tensor], scal
             node.meta[KEY] = dataclasses.replace(node.meta[KEY])
     for node in quantizable_nodes(sim):
         meta = info(node)
-        producer_nonneg = info(node.args[0]).nonneg
-        layer = _quant_copy(sim.get_submodule(node.target), meta.w_bits, meta.a_bits, not producer_nonneg,
-                            scales)
+        signed = tuple(not info(a).nonneg for a in node.args[:2] if isinstance(a, torch.fx.Node)) + (True,)
+        layer = _quant_copy(sim.get_submodule(node.target), meta.w_bits, meta.a_bits, signed[:2], scales)
         layer.method = method
+        if isinstance(layer, QuantMatMul):
+            layer.second.method = method
         owner, _, name = node.target.rpartition(".")
         setattr(sim.get_submodule(owner), name, layer)
     integerize(sim, scales, method)
@@ -353,8 +444,13 @@ def simulate(gm: torch.fx.GraphModule, calibration: Iterable[torch.Tensor], scal
 def _quantizers(sim: torch.fx.GraphModule) -> dict[str, _Observer]:
     """The calibrated quantizers by name: each layer's input quantizer by layer name, each requant module by
     its target."""
-    found: dict[str, _Observer] = {info(n).layer: sim.get_submodule(n.target) for n in quantizable_nodes(sim)
-                                   if isinstance(sim.get_submodule(n.target), QuantLayer)}
+    found: dict[str, _Observer] = {}
+    for n in quantizable_nodes(sim):
+        layer = sim.get_submodule(n.target)
+        if isinstance(layer, QuantLayer):
+            found[info(n).layer] = layer
+        if isinstance(layer, QuantMatMul):
+            found[f"{info(n).layer}.second"] = layer.second
     return found | {n.target: sim.get_submodule(n.target) for n in requant_nodes(sim)}
 
 
@@ -368,7 +464,7 @@ def observed_ranges(sim: torch.fx.GraphModule) -> dict[str, tuple[float, float]]
 def calibrate(sim: torch.fx.GraphModule, calibration: Iterable[torch.Tensor]) -> None:
     """Calibrate every quantizer on ``calibration`` batches (one pass with all activations float) and record
     the results in the nodes' meta."""
-    quantizers = [m for m in sim.modules() if isinstance(m, QuantLayer | Requant)]
+    quantizers = [m for m in sim.modules() if isinstance(m, QuantLayer | Requant | OperandQuant)]
     for m in quantizers:
         m.calibrating, m.observed = True, None
     seen = 0

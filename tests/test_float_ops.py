@@ -240,3 +240,18 @@ def test_torchvision_families_with_these_ops_compile(name):
                                providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     cosine = (ref * out).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)
     assert cosine.min() >= 0.999, cosine
+
+
+@pytest.mark.parametrize("size, out", [((1, 1), (6, 6)), ((5, 7), (3, 4)), ((3, 4), (5, 2))])
+def test_uneven_adaptive_average_pools_lower_like_torch(size, out):
+    """AlexNet at its smallest input pools a 1×1 map to 6×6; other sizes split unevenly (torch's overlapping
+    windows): lowered as products with averaging matrices."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(out), nn.Flatten()).eval()
+    x = torch.rand(4, 3, *size, generator=torch.Generator().manual_seed(0))
+    gm = analyze(capture(model, x[:1]))
+    apply_policy(gm, uniform(gm, 32, 32))
+    sim = simulate(gm, [x])
+    got = ort.InferenceSession(lower(sim, {}).SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-6, atol=1e-6)

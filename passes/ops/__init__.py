@@ -17,17 +17,25 @@ The package (passes/ops/) has one module per part:
   and the shared base class of pass-through entries;
 - ``rounding``: the float-rounding machinery of sound bounds (unit roundoff, :func:`rounding_margin`, the
   widening helpers);
-- ``layers``: the quantizable layers conv2d and linear, their interval helpers (:func:`layer_operands`), and
+- ``layers``: the quantizable layers conv2d, linear and matmul (of two activations), their interval helpers
+  (:func:`layer_operands`), and
   ``BATCHNORM_SOURCES`` (batch norm is no entry: capture folds it into the layer before it, or makes it an
   ``affine`` when no layer precedes it);
 - ``elementwise``: relu, clamp, add, sub, mul, div, and the per-channel affine a BatchNorm that no conv precedes
   becomes;
 - ``activations``: sigmoid, tanh, hardsigmoid, hardswish, silu, gelu (float between quantized ops; sound
   rules for the non-monotone ones);
+- ``normalization``: softmax, layer norm and L2 normalization (float between quantized ops; sound rules with the
+  float32 error of their reductions);
 - ``pooling``: max pool, avg pool, adaptive avg pool, mean over dimensions;
 - ``shape``: flatten, reshape (views that keep the batch; :meth:`OpRule.refine` picks it), permute,
-  pad, slice, cat, and ``IDENTITY_SOURCES`` (the sources capture removes);
+  pad, slice, select, roll, cat, a constant expanded over the batch, and ``IDENTITY_SOURCES`` (the sources capture
+  removes);
 - ``quant``: the requant node that integer-only simulations insert between quantized ops (DESIGN §2).
+
+Ops outside arqc: a package registers its own entries (with :func:`register`) in a module that it declares as
+an entry point of group ``arqc.ops`` (or that ``$ARQC_OPS`` names); capture imports those first
+(:func:`load_plugins`). README, "Ops arqc does not know", has a worked example.
 
 Supporting a new op is one new entry: a function and a registered :class:`OpRule` subclass in the module of
 its kind (or a new module imported below). Every name is re-exported here, so code uses ``ops.<name>``. The
@@ -37,13 +45,16 @@ rules read the rounding constants as ``rounding.U32`` etc., so a test can zero t
 
 # isort: off
 # Importing the modules registers their entries, in this order; rule_for_source tries entries in the order they
-# were registered, so keep it: layers, elementwise, activations, pooling, shape.
+# were registered, so keep it: layers, elementwise, activations, normalization, pooling, shape.
 from arqc.passes.ops.base import (
     RULES as RULES,
     OpRule as OpRule,
     _PassThrough as _PassThrough,
     aten as aten,
     has_interval as has_interval,
+    load_plugins as load_plugins,
+    PLUGIN_ENV as PLUGIN_ENV,
+    PLUGIN_GROUP as PLUGIN_GROUP,
     matches as matches,
     register as register,
     rule_for_kind as rule_for_kind,
@@ -61,6 +72,8 @@ from arqc.passes.ops.layers import (
     BATCHNORM_SOURCES as BATCHNORM_SOURCES,
     Conv2dRule as Conv2dRule,
     LinearRule as LinearRule,
+    MatMul as MatMul,
+    MatMulRule as MatMulRule,
     _affine_interval as _affine_interval,
     _quantizer_interval as _quantizer_interval,
     layer_operands as layer_operands,
@@ -99,6 +112,14 @@ from arqc.passes.ops.activations import (
     silu as silu,
     tanh as tanh,
 )
+from arqc.passes.ops.normalization import (
+    LayerNormRule as LayerNormRule,
+    NormalizeRule as NormalizeRule,
+    SoftmaxRule as SoftmaxRule,
+    layer_norm as layer_norm,
+    normalize as normalize,
+    softmax as softmax,
+)
 from arqc.passes.ops.pooling import (
     AdaptiveAvgPoolRule as AdaptiveAvgPoolRule,
     AvgPoolRule as AvgPoolRule,
@@ -120,13 +141,19 @@ from arqc.passes.ops.shape import (
     PermuteRule as PermuteRule,
     ReshapeRule as ReshapeRule,
     SliceRule as SliceRule,
+    SelectRule as SelectRule,
+    RollRule as RollRule,
+    ExpandRule as ExpandRule,
     cat as cat,
     flatten as flatten,
     pad as pad,
     permute as permute,
     reshape as reshape,
     slice_ as slice_,
+    select as select,
+    roll as roll,
+    expand as expand,
 )
 from arqc.passes.ops.quant import RequantRule as RequantRule
-from arqc.passes.ops import activations, base, elementwise, layers, pooling, quant, rounding, shape  # noqa: E402, F401
+from arqc.passes.ops import activations, base, elementwise, layers, normalization, pooling, quant, rounding, shape  # noqa: E402, F401
 # isort: on

@@ -1,7 +1,10 @@
-"""Quantizable layers (conv2d, linear: ``call_module`` nodes with weights) and their interval helpers, and the
-batch-norm sources that capture folds into the preceding layer."""
+"""Quantizable layers (conv2d, linear: ``call_module`` nodes with weights; matmul: the product of two activations,
+a ``call_module`` node of :class:`MatMul` without weights) and their interval helpers, and the batch-norm sources
+that capture folds into the preceding layer."""
 
 from __future__ import annotations
+
+import operator
 
 import numpy as np
 import torch
@@ -44,12 +47,78 @@ class LinearRule(OpRule):
     def macs(self, node, module, out_shape):
         return int(np.prod(out_shape[1:-1], dtype=np.int64)) * module.in_features * module.out_features
 
-    def lower(self, b, node, args):
-        x, w, bias = b.layer_operands(node, args[0])
-        return b.op("Gemm", [x, w] + ([bias] if bias else []), node.name, transB=1)
+    def lower(self, b, node, args):  # Gemm on (batch, features); MatMul with W transposed (and Add) on tokens
+        if len(b.shape(node.args[0])) == 2:
+            x, w, bias = b.layer_operands(node, args[0])
+            return b.op("Gemm", [x, w] + ([bias] if bias else []), node.name, transB=1)
+        x, w, bias = b.layer_operands(node, args[0], transposed=True)
+        product = b.op("MatMul", [x, w], node.name if bias is None else f"{node.name}_matmul")
+        return product if bias is None else b.op("Add", [product, bias], node.name)
 
     def interval(self, node, module, lo, hi, sound=True):
         return _affine_interval(module, lo[0], hi[0], F.linear, sound)
+
+
+class MatMul(nn.Module):
+    """The product of two activations (attention's q·kᵀ and softmax·v) as a quantizable layer without weights: its
+    input quantizer is the first operand's (a_bits), and the second operand's is per tensor, affine, at w_bits
+    (DESIGN §2), so BitOps = MACs × w_bits × a_bits like every layer's. Capture makes one of every matmul, bmm
+    and two-operand einsum of activations."""
+
+    bias = None
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
+
+
+@register
+class MatMulRule(OpRule):
+    kind = "matmul"
+    sources = (MatMul, torch.matmul, operator.matmul, aten.matmul.default, torch.bmm, aten.bmm.default, "matmul",
+               "bmm")
+    quantizable = True
+
+    def macs(self, node, module, out_shape):
+        depth = node.args[0].meta["tensor_meta"].shape[-1]
+        return int(np.prod(out_shape[1:], dtype=np.int64)) * int(depth)
+
+    def lower(self, b, node, args):
+        a, second = b.matmul_operands(node, args[0], args[1])
+        return b.op("MatMul", [a, second], node.name)
+
+    def interval(self, node, module, lo, hi, sound=True):
+        a_lo, a_hi = _input_interval(module, lo[0], hi[0], sound)
+        second = getattr(module, "second", None)
+        b_lo, b_hi = (lo[1], hi[1]) if second is None else _input_interval(second, lo[1], hi[1], sound)
+        return _matmul_interval(a_lo, a_hi, b_lo, b_hi, sound)
+
+
+def _input_interval(quantizer: nn.Module, lo, hi, sound: bool) -> tuple:
+    """[q(lo), q(hi)] through the input quantizer of a layer or of a matmul's second operand (anything with
+    ``quantize_input``, ``act``, ``bits`` or ``a_bits``, ``grid_input``); a float layer passes the bounds through."""
+    if not hasattr(quantizer, "quantize_input"):
+        return lo, hi
+    if not sound:  # the straight-through quantizers are monotone; a grid input is left as it is
+        return quantizer.quantize_input(lo), quantizer.quantize_input(hi)
+    bits = getattr(quantizer, "a_bits", getattr(quantizer, "bits", 32))
+    if quantizer.act is not None and bits < 32 and not quantizer.grid_input:
+        return _quantizer_interval(quantizer.act, lo, hi)
+    return lo, hi
+
+
+def _matmul_interval(a_lo, a_hi, b_lo, b_hi, sound: bool) -> tuple:
+    """Bounds of A·B for A in [a_lo, a_hi], B in [b_lo, b_hi], in centre/radius form: with A = Ac ± Ar and
+    B = Bc ± Br, A·B = Ac·Bc ± (|Ac|·Br + Ar·|Bc| + Ar·Br). Sound mode adds the float32 accumulation error of
+    the K products of each output, γ_K·(max|A|·max|B|), as the affine layers do."""
+    a_c, a_r = (a_hi + a_lo) / 2, (a_hi - a_lo) / 2
+    b_c, b_r = (b_hi + b_lo) / 2, (b_hi - b_lo) / 2
+    centre = torch.matmul(a_c, b_c)
+    radius = torch.matmul(a_c.abs(), b_r) + torch.matmul(a_r, b_c.abs() + b_r)
+    if sound:
+        terms = a_lo.shape[-1] + 1
+        magnitude = torch.matmul(_abs_max(a_lo, a_hi), _abs_max(b_lo, b_hi))
+        radius = radius + rounding_margin(terms, a_lo.dtype) * magnitude + terms * rounding.TINY
+    return centre - radius, centre + radius
 
 
 def layer_operands(module: nn.Module, lo, hi, sound: bool) -> tuple:
@@ -58,17 +127,16 @@ def layer_operands(module: nn.Module, lo, hi, sound: bool) -> tuple:
     (already on the layer's 8-bit grid: the forward leaves them as they are) pass through.
     Sound mode: in the bounds' dtype, detached; training mode: the straight-through quantizers."""
     quant = hasattr(module, "quantize_input")
-    if not sound:  # quantize_input leaves a grid input as it is
+    if not sound:
+        lo, hi = _input_interval(module, lo, hi, sound)
         if quant:
-            return module.quantize_input(lo), module.quantize_input(hi), module.effective_weight(), \
-                module.effective_bias()
+            return lo, hi, module.effective_weight(), module.effective_bias()
         return lo, hi, module.weight, module.bias
     with torch.no_grad():
         weight = (module.effective_weight() if quant else module.weight).to(lo.dtype)
         bias = module.effective_bias() if quant else module.bias
         bias = None if bias is None else bias.to(lo.dtype)
-        if quant and module.act is not None and module.a_bits < 32 and not module.grid_input:
-            lo, hi = _quantizer_interval(module.act, lo, hi)
+        lo, hi = _input_interval(module, lo, hi, sound)
     return lo, hi, weight, bias
 
 

@@ -110,9 +110,23 @@ class AdaptiveAvgPoolRule(_PassThrough):
         oh, ow = node.args[1]
         if (oh, ow) == (1, 1):
             return b.op("GlobalAveragePool", [args[0]], node.name)
-        if h % oh or w % ow:
-            raise NotImplementedError(f"adaptive_avg_pool2d {h}x{w} -> {oh}x{ow} (not an even split)")
-        return b.op("AveragePool", [args[0]], node.name, kernel_shape=[h // oh, w // ow], strides=[h // oh, w // ow])
+        if h % oh == 0 and w % ow == 0:
+            return b.op("AveragePool", [args[0]], node.name, kernel_shape=[h // oh, w // ow],
+                        strides=[h // oh, w // ow])
+        # uneven windows (torch's: rows floor(i·h/oh) to ceil((i + 1)·h/oh)), or more outputs than inputs (AlexNet's
+        # 6×6 pool of a 1×1 map): the window means as two products with averaging matrices, P_h · X · P_wᵀ
+        cols = b.op("MatMul", [args[0], b.const(_pool_matrix(w, ow).T.copy(), f"{node.name}_cols")],
+                    f"{node.name}_cols_mean")
+        return b.op("MatMul", [b.const(_pool_matrix(h, oh), f"{node.name}_rows"), cols], node.name)
+
+
+def _pool_matrix(size: int, out: int) -> np.ndarray:
+    """(out, size): row i averages torch's adaptive window i of ``size`` inputs."""
+    matrix = np.zeros((out, size), np.float32)
+    for i in range(out):
+        start, end = i * size // out, -(-(i + 1) * size // out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
 
 
 def mean(x, dims, keepdim):

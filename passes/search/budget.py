@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch.fx
 from torch import nn
 
@@ -37,6 +38,10 @@ def layer_specs(gm: torch.fx.GraphModule) -> list[LayerSpec]:
             spec = LayerSpec(meta.layer, i, m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0],
                              m.groups > 1 and m.groups == m.in_channels, m.weight.numel(),
                              in_shape[2] * in_shape[3], meta.macs)
+        elif meta.kind == "matmul":  # (..., M, K) · (..., K, N): no weights; M rows like a feature map's pixels
+            second = node.args[1].meta["tensor_meta"].shape
+            spec = LayerSpec(meta.layer, i, in_shape[-1], second[-1], 1, 1, False, 0,
+                             int(np.prod(in_shape[1:-1], dtype=np.int64)), meta.macs)
         else:
             spec = LayerSpec(meta.layer, i, m.in_features, m.out_features, 1, 1, False, m.weight.numel(), 1,
                              meta.macs)
