@@ -12,18 +12,22 @@ The canonical IR (what every later pass sees):
 from __future__ import annotations
 
 import copy
+import linecache
+import math
 import operator
+import re
 import traceback
 from pathlib import Path
 
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 
 from arqc.base import ArqcError
 from arqc.passes import ops
 from arqc.passes.meta import KEY, NodeInfo
+from arqc.passes.rewrites import apply_rewrites
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
 
@@ -31,6 +35,7 @@ _TORCH_DIR = str(Path(torch.__file__).parent)
 def capture(model: nn.Module | torch.export.ExportedProgram, example: torch.Tensor) -> torch.fx.GraphModule:
     """Trace ``model`` (or unlift an exported program) and canonicalize it; ``example`` is one input batch.
     The model itself is left untouched (capture works on a copy of its parameters)."""
+    ops.load_plugins()
     if isinstance(model, torch.export.ExportedProgram):
         gm = model.module()  # unlifted: parameters become get_attr nodes; already in inference form
         gm.graph.set_codegen(torch.fx.graph.CodeGen())  # plain tensors in and out, no pytree specs
@@ -38,14 +43,18 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example: torch.Tens
     else:
         gm = _trace(copy.deepcopy(model).eval())
         _propagate(gm, example)
+        if apply_rewrites(gm):
+            _propagate(gm, example)
+    _fold_constants(gm)
     _canonicalize(gm)
     gm.graph.eliminate_dead_code()
     leftover = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")
                 and KEY not in n.meta]
     if leftover:
         n = leftover[0]
-        raise ArqcError(f"unsupported op {_describe(gm, n)} in node '{n.name}'; arqc supports "
-                        f"{', '.join(sorted(ops.RULES))}; add an entry to passes/ops/ for it")
+        raise ArqcError(f"unsupported op {_describe(gm, n)} in node '{n.name}'{_source_line(n)}; register an "
+                        f"entry for it from your own package (README \"Ops arqc does not know\": entry point group "
+                        f"'{ops.PLUGIN_GROUP}', or {ops.PLUGIN_ENV}=your.module) or add one to passes/ops/")
     gm.delete_all_unused_submodules()
     gm = torch.fx.GraphModule(gm, gm.graph, type(gm).__name__)  # a plain GraphModule, also for exports
     gm.eval()
@@ -56,7 +65,10 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example: torch.Tens
 
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
     try:
-        return torch.fx.symbolic_trace(model)
+        tracer = torch.fx.Tracer()
+        tracer.record_stack_traces = True  # for the source line of an unsupported op
+        graph = tracer.trace(model)
+        return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as err:  # tracing runs user code: any exception is the user's model's
         where = _user_frame(err)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -95,6 +107,17 @@ def _propagate(gm: torch.fx.GraphModule, example: torch.Tensor) -> None:
                         "check --input-shape or the data's image size") from None
 
 
+def _source_line(node: torch.fx.Node) -> str:
+    """" at file.py:LINE (code)" of the model's own code that made ``node`` (from the stack trace that tracing
+    and torch.export record), or ""."""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', node.stack_trace or node.meta.get("stack_trace") or "")
+    for filename, line in frames:
+        if not filename.startswith(_TORCH_DIR) and "/passes/" not in filename:
+            code = linecache.getline(filename, int(line)).strip()
+            return f" at {Path(filename).name}:{line}" + (f" ({code})" if code else "")
+    return ""
+
+
 def _describe(gm: torch.fx.GraphModule, n: torch.fx.Node) -> str:
     if n.op == "call_module":
         return type(gm.get_submodule(n.target)).__name__
@@ -122,17 +145,65 @@ def _canonicalize(gm: torch.fx.GraphModule) -> None:
                                     "that return one logits tensor")
                 node.args = (out[0],)
             node.meta[KEY] = NodeInfo(kind="output")
-        elif node.op == "call_module" and node.target == "_guards_fn":
-            graph.erase_node(node)
+        elif node.op == "call_module" and node.target == "_guards_fn" or node.target in ASSERTS:
+            graph.erase_node(node)  # shape checks: the canonical graph's shapes were checked by tracing
         elif not isinstance(node.meta.get("tensor_meta"), TensorMetadata):
             _canonicalize_non_tensor(gm, node)  # sizes, tuples: dead once their users are canonical
         else:
             _canonicalize_op(gm, node)
 
 
+ASSERTS = (torch._assert, torch.ops.aten._assert_async.msg, torch.ops.aten._assert_scalar.default)
+
+
 def _canonicalize_non_tensor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     if ops.matches(node.target, ops.BATCHNORM_SOURCES):  # aten batch norm returning (out, mean, rstd)
         _fold_batchnorm(gm, node)
+    elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
+        _expand_attention(gm, node)
+
+
+def _fold_constants(gm: torch.fx.GraphModule) -> None:
+    """Compute once what does not depend on the input (relative position biases gathered from their tables, a
+    bias MLP run on a constant coordinate table, masks): each such tensor that the rest of the graph reads becomes
+    a buffer of the graph module (a get_attr node), and the nodes that computed it go."""
+    values: dict[torch.fx.Node, object] = {}
+    graph = gm.graph
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            values[node] = get_attr(gm, node.target)
+            continue
+        if node.op not in ("call_function", "call_method", "call_module") or node.target in ASSERTS \
+                or any(a not in values for a in node.all_input_nodes):
+            continue
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: values[a])
+        with torch.no_grad():
+            if node.op == "call_function":
+                values[node] = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                values[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                values[node] = gm.get_submodule(node.target)(*args, **kwargs)
+    for node in list(graph.nodes):
+        value = values.get(node)
+        if node.op == "get_attr" or node not in values or all(u in values for u in node.users):
+            continue
+        if isinstance(value, torch.Tensor):
+            name = f"arqc_constant_{node.name}"
+            gm.register_buffer(name, value.detach().clone())
+            with graph.inserting_before(node):
+                folded = graph.get_attr(name)
+            folded.meta = {k: v for k, v in node.meta.items() if k == "tensor_meta"}
+            node.replace_all_uses_with(folded)
+        elif isinstance(value, int | float | bool) or (isinstance(value, tuple | list)
+                                                         and all(isinstance(v, int) for v in value)):
+            for user in list(node.users):
+                user.args, user.kwargs = torch.fx.node.map_arg((user.args, user.kwargs),
+                                                              lambda a, n=node, v=value: v if a is n else a)
+    for node in reversed(list(graph.nodes)):  # the computations of folded constants, in-place ones included
+        if node in values and node.op != "get_attr" and not node.users:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
 
 
 def _canonicalize_op(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
@@ -148,6 +219,9 @@ def _canonicalize_op(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     if key is operator.getitem:
         _canonicalize_getitem(gm, node)
         return
+    if ops.matches(key, EINSUM_SOURCES):
+        _canonicalize_einsum(gm, node)
+        return
     rule = ops.rule_for_source(key)
     if rule is None:
         return  # reported by capture() unless it turns out dead
@@ -157,7 +231,7 @@ def _canonicalize_op(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
             _make_layer_module(gm, node, rule)
         module = gm.get_submodule(node.target)
         _check_layer(module, node)
-        node.meta[KEY] = NodeInfo(kind=rule.kind, layer=node.target)
+        node.meta[KEY] = NodeInfo(kind=ops.rule_for_source(type(module)).kind, layer=node.target)
         return
     try:
         args = rule.canonical_args(node, module)
@@ -205,26 +279,35 @@ def _canonicalize_getitem(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None
         with gm.graph.inserting_before(node):
             value = gm.graph.call_function(rule.fn, (source.args[0], dim, start, end, 1))
             value.meta[KEY] = NodeInfo(kind=rule.kind)
+            value.meta["tensor_meta"] = node.meta.get("tensor_meta")
         node.replace_all_uses_with(value)
         gm.graph.erase_node(node)
         if not source.users:
             gm.graph.erase_node(source)
         return
     index = index if isinstance(index, tuple) else (index,)
-    if not all(isinstance(i, slice) or i is Ellipsis for i in index) or index.count(Ellipsis) > 1:
-        raise ArqcError(f"unsupported indexing {index!r} in node '{node.name}'; arqc supports basic slicing")
+    if not all(isinstance(i, slice | int) or i is Ellipsis for i in index) or index.count(Ellipsis) > 1 \
+            or isinstance(index[0], int):
+        raise ArqcError(f"unsupported indexing {index!r} in node '{node.name}'; arqc supports basic slicing and "
+                        "integer indices after the batch dimension")
     rank = len(source.meta["tensor_meta"].shape)
     if Ellipsis in index:
         at = index.index(Ellipsis)
         index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1:]
-    rule = ops.RULES["slice"]
-    value = source
+    value, dim = source, 0
     with gm.graph.inserting_before(node):
-        for dim, s in enumerate(index):
+        for s in index:
             if s == slice(None):
+                dim += 1
                 continue
-            value = gm.graph.call_function(rule.fn, (value, dim, s.start, s.stop, s.step or 1))
+            if isinstance(s, int):  # removes the dimension
+                rule, args = ops.RULES["select"], (value, dim, s)
+            else:
+                rule, args, dim = ops.RULES["slice"], (value, dim, s.start, s.stop, s.step or 1), dim + 1
+            value = gm.graph.call_function(rule.fn, args)
             value.meta[KEY] = NodeInfo(kind=rule.kind)
+    if value is not source:
+        value.meta["tensor_meta"] = node.meta.get("tensor_meta")
     node.replace_all_uses_with(value)
     gm.graph.erase_node(node)
 
@@ -243,8 +326,183 @@ def get_attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
     return getattr(gm.get_submodule(owner), name)
 
 
+def _module_path(gm: torch.fx.GraphModule, node: torch.fx.Node, what: str) -> str:
+    """A free submodule path for a layer made from a function call: inside the module that made the call (its
+    ``nn_module_stack``) when known, named ``what`` (``matmul``, ``matmul_1``, ...), else the node's name."""
+    stack = node.meta.get("nn_module_stack")
+    owner = next(reversed(stack.values()))[0] if stack else ""
+    owner = owner if owner and _has_submodule(gm, owner) else ""
+    base = f"{owner}.{what}" if owner else node.name
+    path, k = base, 1
+    while _has_submodule(gm, path):
+        path, k = f"{base}_{k}", k + 1
+    return path
+
+
+def _has_submodule(gm: torch.fx.GraphModule, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _add_layer(gm: torch.fx.GraphModule, path: str, module: nn.Module) -> None:
+    owner, _, name = path.rpartition(".")
+    gm.get_submodule(owner).add_module(name, module)
+
+
+def _make_matmul(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """A matmul of two activations becomes a :class:`~arqc.passes.ops.MatMul` layer; one whose second operand is a
+    constant matrix is a linear layer (its weight is that matrix transposed)."""
+    a, b = node.args[:2]
+    if not isinstance(a, torch.fx.Node) or a.op == "get_attr" or not isinstance(b, torch.fx.Node):
+        raise ArqcError(f"matmul node '{node.name}' multiplies a constant from the left; arqc quantizes "
+                        "x @ W and products of two activations")
+    if b.op == "get_attr" and b.meta["tensor_meta"].shape.__len__() == 2:
+        weight = get_attr(gm, b.target).detach()
+        module: nn.Module = nn.Linear(weight.shape[0], weight.shape[1], bias=False)
+        with torch.no_grad():
+            module.weight.copy_(weight.t())
+        path = _module_path(gm, node, "linear")
+        node.args = (a,)
+    elif b.op == "get_attr":
+        raise ArqcError(f"matmul node '{node.name}' multiplies by a constant of rank "
+                        f"{len(b.meta['tensor_meta'].shape)}; arqc quantizes x @ W for a matrix W")
+    else:
+        module, path = ops.MatMul(), _module_path(gm, node, "matmul")
+        node.args = (a, b)
+    _add_layer(gm, path, module)
+    node.op, node.target, node.kwargs = "call_module", path, {}
+
+
+EINSUM_SOURCES = (torch.einsum, torch.ops.aten.einsum.default)
+
+
+def _canonicalize_einsum(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """A two-operand einsum that is a batched matrix product (maxvit's "bghid,bghjd->bghij") becomes permutes
+    of its operands into (batch..., i, k) and (batch..., k, j), a matmul layer, and a permute of the result."""
+    equation, operands = node.args[0], node.args[1:]
+    if len(operands) == 1 and isinstance(operands[0], list | tuple):
+        operands = tuple(operands[0])
+    spec = equation.replace(" ", "")
+    inputs, _, out = spec.partition("->")
+    terms = inputs.split(",")
+    if len(operands) != 2 or len(terms) != 2 or not out or "." in spec:
+        raise ArqcError(f"unsupported einsum '{equation}' in node '{node.name}'; arqc supports two-operand "
+                        "batched matrix products with an explicit output")
+    first, second = terms
+    shared = [c for c in out if c in first and c in second]
+    rows = [c for c in first if c not in second]
+    cols = [c for c in second if c not in first]
+    depth = [c for c in first if c in second and c not in out]
+    if len(rows) != 1 or len(cols) != 1 or len(depth) != 1 or sorted(out) != sorted(shared + rows + cols) \
+            or not shared or shared[0] != first[0] or shared[0] != second[0] or shared[0] != out[0]:
+        raise ArqcError(f"unsupported einsum '{equation}' in node '{node.name}'; arqc supports two-operand "
+                        "batched matrix products whose first index is the batch")
+    permute = ops.RULES["permute"]
+    graph = gm.graph
+    sizes = dict(zip(first, operands[0].meta["tensor_meta"].shape, strict=True))
+    sizes |= dict(zip(second, operands[1].meta["tensor_meta"].shape, strict=True))
+    with graph.inserting_before(node):
+        def arranged(x, term, order):
+            perm = tuple(term.index(c) for c in order)
+            if perm == tuple(range(len(term))):
+                return x
+            value = graph.call_function(permute.fn, (x, perm))
+            value.meta[KEY] = NodeInfo(kind=permute.kind)
+            _set_shape(value, [sizes[c] for c in order])
+            return value
+        a = arranged(operands[0], first, shared + rows + depth)
+        b = arranged(operands[1], second, shared + depth + cols)
+        product = graph.call_function(torch.matmul, (a, b))
+        product.meta = {k: v for k, v in node.meta.items() if k == "nn_module_stack"}
+        _make_matmul(gm, product)
+        product.meta[KEY] = NodeInfo(kind="matmul", layer=product.target)
+        _set_shape(product, [sizes[c] for c in shared + rows + cols])
+        result = arranged(product, "".join(shared + rows + cols), list(out))
+    node.replace_all_uses_with(result)
+    graph.erase_node(node)
+
+
+def _set_shape(node: torch.fx.Node, shape) -> None:
+    """The ``tensor_meta`` of a float32 tensor of ``shape`` on a node that capture made (later rules read it)."""
+    node.meta["tensor_meta"] = _extract_tensor_metadata(torch.empty(tuple(shape)))
+
+
+def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module
+
+
+def _expand_attention(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """An nn.MultiheadAttention (batch_first, no masks: ViT's self-attention) becomes the layers and ops it
+    computes, with the batch kept in front: q, k, v projections (linear layers ``<attention>.q_proj``, ``k_proj``,
+    ``v_proj`` cut from ``in_proj_weight``), per-head reshapes and permutes, the matmul layer q·kᵀ, the scale
+    1/√d, softmax, the matmul layer with v, and ``out_proj``."""
+    mha = gm.get_submodule(node.target)
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+    given = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    if not mha.batch_first or given.get("key_padding_mask") is not None or given.get("attn_mask") is not None \
+            or mha.bias_k is not None or mha.add_zero_attn or given.get("is_causal"):
+        raise ArqcError(f"attention '{node.target}' uses batch_first=False, masks or extra key/value biases; "
+                        "arqc supports batch_first self- and cross-attention without masks")
+    users = list(node.users)
+    if any(u.target is not operator.getitem for u in users):
+        raise ArqcError(f"the output of attention '{node.target}' is used as a tuple; arqc supports out, _ = attn(...)")
+    if any(u.args[1] != 0 and u.users for u in users):
+        raise ArqcError(f"the attention weights of '{node.target}' are used; arqc supports need_weights=False")
+    E, h = mha.embed_dim, mha.num_heads
+    d = E // h
+    if mha._qkv_same_embed_dim:
+        weights = mha.in_proj_weight.detach().split(E)
+    else:
+        weights = (mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach())
+    biases = mha.in_proj_bias.detach().split(E) if mha.in_proj_bias is not None else (None,) * 3
+    graph, rules = gm.graph, ops.RULES
+
+    def call(kind: str, *args) -> torch.fx.Node:
+        value = graph.call_function(rules[kind].fn, args)
+        value.meta[KEY] = NodeInfo(kind=kind)
+        return value
+
+    def layer(path: str, module: nn.Module, *args) -> torch.fx.Node:
+        if not _has_submodule(gm, path):
+            _add_layer(gm, path, module)
+        value = graph.call_module(path, args)
+        value.meta[KEY] = NodeInfo(kind="matmul" if isinstance(module, ops.MatMul) else "linear", layer=path)
+        return value
+
+    with graph.inserting_before(node):
+        heads = []
+        for what, x, w, b, perm in zip(("q_proj", "k_proj", "v_proj"), (given["query"], given["key"], given["value"]),
+                                       weights, biases, ((0, 2, 1, 3), (0, 2, 3, 1), (0, 2, 1, 3)), strict=True):
+            projected = layer(f"{node.target}.{what}", _linear_from(w, b), x)
+            length = x.meta["tensor_meta"].shape[1]
+            heads.append(call("permute", call("reshape", projected, (length, h, d)), perm))
+        scores = layer(f"{node.target}.scores", ops.MatMul(), heads[0], heads[1])
+        weights_ = call("softmax", call("mul", scores, 1.0 / math.sqrt(d)), 3)
+        context = layer(f"{node.target}.context", ops.MatMul(), weights_, heads[2])
+        length = given["query"].meta["tensor_meta"].shape[1]
+        merged = call("reshape", call("permute", context, (0, 2, 1, 3)), (length, E))
+        out = layer(f"{node.target}.out_proj", _linear_from(mha.out_proj.weight.detach(), mha.out_proj.bias), merged)
+    for u in users:
+        if u.args[1] == 0:
+            out.meta["tensor_meta"] = u.meta.get("tensor_meta")
+            u.replace_all_uses_with(out)
+        graph.erase_node(u)
+    graph.erase_node(node)
+
+
 def _make_layer_module(gm: torch.fx.GraphModule, node: torch.fx.Node, rule: ops.OpRule) -> None:
     """Turn a functional conv/linear (aten or F.*) with constant weights into a call_module layer."""
+    if rule.kind == "matmul":
+        _make_matmul(gm, node)
+        return
     args = list(node.args) + [None] * 9
     weight, bias = _constant(gm, args[1]), _constant(gm, args[2])
     if rule.kind == "linear":
