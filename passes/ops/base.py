@@ -3,10 +3,15 @@ lookups by kind and by source call, and the base class of the pass-through entri
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import os
 from typing import Any
 
 import torch
 from torch import nn
+
+from arqc.base import ArqcError
 
 aten = torch.ops.aten
 
@@ -16,6 +21,33 @@ RULES: dict[str, OpRule] = {}
 def register(cls: type[OpRule]) -> type[OpRule]:
     RULES[cls.kind] = cls()
     return cls
+
+
+PLUGIN_GROUP = "arqc.ops"  # the entry-point group of packages that register entries for ops arqc does not know
+PLUGIN_ENV = "ARQC_OPS"  # or: comma-separated modules to import, for code that is not an installed package
+_loaded: set[str] = set()
+
+
+def load_plugins() -> list[str]:
+    """Import every module that registers entries from outside arqc: the entry points of group
+    :data:`PLUGIN_GROUP` of the installed packages, and the modules named in ``$ARQC_OPS``. Each is imported once;
+    returns the ones imported by this call. A module that fails to import is an ArqcError naming it."""
+    wanted = [(ep.value, ep.load) for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP)]
+    names = [name.strip() for name in os.environ.get(PLUGIN_ENV, "").split(",") if name.strip()]
+    wanted += [(name, lambda n=name: importlib.import_module(n)) for name in names]
+    loaded = []
+    for name, load in wanted:
+        if name in _loaded:
+            continue
+        try:
+            load()
+        except Exception as err:  # the plugin's own code
+            raise ArqcError(f"cannot load the op plugin '{name}' ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}); fix it, or remove it from "
+                            f"{PLUGIN_ENV} / uninstall the package that declares it") from None
+        _loaded.add(name)
+        loaded.append(name)
+    return loaded
 
 
 def rule_for_kind(kind: str) -> OpRule:
