@@ -32,7 +32,7 @@ from arqc.passes.analysis import profile
 from arqc.passes.lower import attach
 from arqc.passes.meta import FP32, SEMANTICS, check_semantics
 from arqc.passes.policy import Policy, apply_policy, policy_to_json
-from arqc.passes.quantize import observed_ranges
+from arqc.passes.quantize import observed_ranges, one_layer_quantized
 from arqc.passes.search.agent import DDPGConfig
 from arqc.passes.search.baselines import greedy_policy, sensitivity, uniform_policy
 from arqc.passes.search.budget import check_budget, layer_specs
@@ -187,10 +187,12 @@ class Run:
         names = [layer.name for layer in self.layers]
         float_sim = self.make_sim({name: (FP32, 8) for name in names})
         ranges = observed_ranges(float_sim)
+        probe = self.make_sim({name: (FP32, FP32) for name in names}, ranges)
 
-        def logits_of(policy: Policy) -> torch.Tensor:
-            with torch.inference_mode():
-                return self.make_sim(policy, ranges)(x)
+        def logits_of(policy: Policy) -> torch.Tensor:  # one layer's weights or input quantized, in place
+            (name, (w, a)), = [(k, v) for k, v in policy.items() if v != (FP32, FP32)]
+            with one_layer_quantized(probe, name, w, a, ranges), torch.inference_mode():
+                return probe(x)
 
         sens = sensitivity(self.layers, logits_of, reference, self.s.min_bits, self.s.max_bits)
         return greedy_policy(self.layers, self.s.budget, sens, self.s.min_bits, self.s.max_bits, self.fixed)
