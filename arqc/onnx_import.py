@@ -57,19 +57,27 @@ def simulation_from_onnx(path: str, source: str | None = None, trust_pickle: boo
         if info(node).kind == "matmul":  # no weights
             continue
         onnx_node = by_name[meta["arqc.layers"][layer]]
-        weight, scale = _operand(onnx_node.input[1], values, producers)
+        bias = onnx_node.input[2] if len(onnx_node.input) > 2 and onnx_node.input[2] else None
+        if onnx_node.op_type in ("MatMul", "Add"):  # a linear layer on tokens: MatMul(x, Wᵀ) [→ Add(bias)]
+            if onnx_node.op_type == "Add":
+                bias, onnx_node = onnx_node.input[1], producers[onnx_node.input[0]]
+            weight, scale = _operand(onnx_node.input[1], values, producers, axis=1)
+            weight = weight.T
+        else:
+            weight, scale = _operand(onnx_node.input[1], values, producers)
         with torch.no_grad():
-            m.weight.copy_(torch.from_numpy(weight).reshape(m.weight.shape))
+            m.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)).reshape(m.weight.shape))
             if scale is not None:
                 m.fixed_weight_scale = torch.from_numpy(scale).reshape((-1,) + (1,) * (m.weight.dim() - 1))
-            if len(onnx_node.input) > 2 and onnx_node.input[2]:
-                m.bias.copy_(torch.from_numpy(_operand(onnx_node.input[2], values, producers)[0]))
+            if bias is not None:
+                m.bias.copy_(torch.from_numpy(_operand(bias, values, producers)[0]))
     link_grids(sim)
     return sim, meta
 
 
-def _operand(name: str, values: dict, producers: dict) -> tuple[np.ndarray, np.ndarray | None]:
-    """A layer input as float32 (and its per-channel scale when it comes from a DequantizeLinear)."""
+def _operand(name: str, values: dict, producers: dict, axis: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """A layer input as float32 (and its per-channel scale, along ``axis``, when it comes from a
+    DequantizeLinear)."""
     if name in values:
         return values[name].astype(np.float32), None
     dq = producers[name]
@@ -78,5 +86,6 @@ def _operand(name: str, values: dict, producers: dict) -> tuple[np.ndarray, np.n
     q = values[dq.input[0]].astype(np.int64)
     scale = values[dq.input[1]].astype(np.float32)
     zero = values[dq.input[2]].astype(np.int64) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale)
-    shape = (-1,) + (1,) * (q.ndim - 1)
+    shape = [1] * q.ndim
+    shape[axis] = -1
     return ((q - zero.reshape(shape)).astype(np.float32) * scale.reshape(shape)).astype(np.float32), scale
