@@ -125,6 +125,52 @@ MUTATIONS = [
              ("tests/test_float_ops.py",)),
     Mutation("sub-8-bit requantization of a grid never clips", "passes/lower.py",
              "        if clip:\n", "        if False:\n", ("tests/test_lower.py",)),
+    # softmax and layer norm (passes/ops/normalization.py)
+    Mutation("softmax upper bound from the upper ends of the others", "passes/ops/normalization.py",
+             "high = torch.sigmoid(hi_ - _exclusive_logsumexp(lo_, pad))",
+             "high = torch.sigmoid(hi_ - _exclusive_logsumexp(hi_, pad))", ("tests/test_norm_ops.py",)),
+    Mutation("softmax bounds without the float32 margin", "passes/ops/normalization.py",
+             "    rel = (1 + forward) * (1 + own) - 1\n", "    rel = 0 * forward\n", ("tests/test_norm_ops.py",)),
+    Mutation("softmax fused into onnxruntime's QLinearSoftmax", "passes/ops/normalization.py",
+             "        if x in b.grids:\n", "        if False:\n", ("tests/test_norm_ops.py",)),
+    Mutation("layer norm bounds without the float32 margin", "passes/ops/normalization.py",
+             "        z_lo, z_hi = _layer_norm_margin(lo, hi, z_lo, z_hi, d_lo, d_hi, var_lo, var_hi, eps)\n",
+             "        pass\n", ("tests/test_norm_ops.py",)),
+    Mutation("layer norm variance bound ignores deviations that can be 0", "passes/ops/normalization.py",
+             "square_min = torch.where(d_lo > 0, d_lo * d_lo, torch.where(d_hi < 0, d_hi * d_hi, zero))",
+             "square_min = torch.minimum(d_lo * d_lo, d_hi * d_hi)", ("tests/test_norm_ops.py",)),
+    Mutation("layer norm bounds ignore negative weights", "passes/ops/normalization.py",
+             "low, high = torch.minimum(a, b) + shift, torch.maximum(a, b) + shift", "low, high = a + shift, b + shift",
+             ("tests/test_norm_ops.py",)),
+    Mutation("layer norm z without the tie of d to the variance", "passes/ops/normalization.py",
+             "return d / (torch.maximum(var_lo, d * d / (n - 1)) + eps).sqrt().clamp_min(tiny)",
+             "return d / (var_lo + eps).sqrt().clamp_min(tiny)", ("tests/test_norm_ops.py",)),
+    Mutation("layer norm margin without its wide-box bound", "passes/ops/normalization.py",
+             "torch.maximum(torch.maximum(low1, low2), -bound), torch.minimum(torch.minimum(high1, high2), bound)",
+             "torch.maximum(low1, low2), torch.minimum(high1, high2)", ("tests/test_norm_ops.py",)),
+    # attention and the rearrangements around it (passes/ops/layers.py, passes/capture.py, passes/rewrites.py)
+    Mutation("matmul bounds without the product of the radii", "passes/ops/layers.py",
+             "torch.matmul(a_r, b_c.abs() + b_r)", "torch.matmul(a_r, b_c.abs())", ("tests/test_attention.py",)),
+    Mutation("matmul's second operand lowered unquantized", "passes/lower.py",
+             "        if second is not None and second.bits < FP32 and not second.grid_input:\n",
+             "        if False:\n", ("tests/test_attention.py",)),
+    Mutation("attention without the 1/sqrt(d) scale", "passes/capture.py",
+             "call(\"mul\", scores, 1.0 / math.sqrt(d))", "call(\"mul\", scores, 1.0)", ("tests/test_attention.py",)),
+    Mutation("roll lowered in the wrong direction", "passes/ops/shape.py",
+             "((shape[dim] - shift, shape[dim], \"tail\"), (0, shape[dim] - shift, \"head\"))",
+             "((shift, shape[dim], \"tail\"), (0, shift, \"head\"))", ("tests/test_attention.py",)),
+    Mutation("Swin's shifted windows without their mask", "passes/rewrites.py",
+             "        attn = attn + add_constant(gm, node, \"shift_mask\", mask, tracer)\n", "        pass\n",
+             ("tests/test_attention.py",)),
+    Mutation("constants not folded", "passes/capture.py", "    _fold_constants(gm)\n", "",
+             ("tests/test_attention.py",)),
+    Mutation("greedy probes not restored", "passes/quantize.py",
+             "        m.w_bits, m.a_bits, m.act = FP32, FP32, saved[0]\n", "        pass\n",
+             ("tests/test_attention.py",)),
+    Mutation("op plugins never loaded", "passes/capture.py", "    ops.load_plugins()\n", "",
+             ("tests/test_plugins.py",)),
+    Mutation("uneven adaptive pools as even ones", "passes/ops/pooling.py",
+             "        if h % oh == 0 and w % ow == 0:\n", "        if True:\n", ("tests/test_float_ops.py",)),
 ]
 
 
@@ -197,7 +243,7 @@ def main() -> int:
             target.write_text(target.read_text().replace(m.old, m.new))
             red, _, seconds = run_tests(copy, m.tests, first_only=args.fast)
             missed += not red
-            caught = f"caught by {red[0]}" + (f" and {len(red) - 1} more" if len(red) > 1 else "")
+            caught = f"caught by {red[0]}" + (f" and {len(red) - 1} more" if len(red) > 1 else "") if red else ""
             print(f"{m.name} ({m.path}): {caught if red else 'MISSED by ' + ', '.join(m.tests)} ({seconds:.0f} s)",
                   flush=True)
             shutil.rmtree(copy.parent)

@@ -1,0 +1,217 @@
+"""Every torchvision classifier through arqc: capture, MAC count, W8A8 and mixed 4/8 compile, lowering,
+onnxruntime, interval bounds.
+
+For each model of ``torchvision.models.list_models(module=torchvision.models)`` (random weights, 1000 classes):
+1. MACs: the architecture as torchvision builds it for its weights with the smallest resolution (ViT and MaxViT
+   take their image size from the weights), analyzed at that resolution; compared with the weights' published
+   ``_ops`` figure (GMACs, counted by torchvision over conv, linear and matmul).
+2. Compile at the smallest input size the architecture accepts: the smallest ``min_size`` over its weights, and
+   at least 32×32 (CIFAR-sized) for the convnets that take anything: capture, analyze, W8A8 and a mixed policy
+   (each layer 4 or 8 bits for weights and activations, seeded), calibrated on 8 random images, lowered to QDQ
+   ONNX and run in onnxruntime (CPU, ORT_ENABLE_ALL) on 32 random images. Columns: the cosine similarity of the
+   simulation's and onnxruntime's logits (all 32 images' logits as one vector) for W8A8 and the mixed policy at
+   the default float scales, and for the mixed policy at po2 scales (exact integer layers, see
+   passes/quantize.py); the floor: the lowest cosine of the simulation's logits with its own logits on the same
+   images moved by about one float32 ulp (2^-22, random signs), over the three; the worst single image's cosine
+   and the lowest top-1 agreement with onnxruntime over the three. A random-weight network can be chaotic (an
+   ulp of input changes its logits): there no two float32 implementations agree, and the row's status is
+   "floor" when onnxruntime agrees with the simulation at least as well as the simulation agrees with itself. Weights
+   that torchvision initializes to zero (ViT's head) are drawn at random too, and BatchNorm statistics are
+   measured on the calibration images (:func:`randomized`).
+3. IBP: sound interval bounds (float32) of the W8A8 simulation on L∞ boxes of radius 1/255 around 2 images
+   contain the simulation's outputs at 8 random points of each box.
+
+    python bench/zoo.py                       # all 80 models (about an hour on 2 cores)
+    python bench/zoo.py --only resnet18,vit_b_16 --skip-macs
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import traceback
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torchvision
+from torchvision.models import get_model, get_model_weights
+
+from arqc.passes.analysis import analyze, profile
+from arqc.passes.capture import capture
+from arqc.passes.lower import lower
+from arqc.passes.meta import info, quantizable_nodes
+from arqc.passes.policy import apply_policy, uniform
+from arqc.passes.quantize import simulate
+from arqc.runtime.ibp import input_box, interval_bounds
+
+MIN_SIZE = 32  # the smallest size tried for architectures that take any input
+
+
+def smallest_weights(name: str):
+    """The model's weights entry with the smallest crop size (DEFAULT among equals)."""
+    entries = list(get_model_weights(name))
+    default = get_model_weights(name).DEFAULT
+    return min(entries, key=lambda w: (w.transforms.keywords.get("crop_size", 224), w is not default))
+
+
+def arch_kwargs(name: str, weights) -> dict:
+    """The architecture arguments torchvision's builder takes from ``weights`` (besides the class count)."""
+    size = weights.meta["min_size"]
+    if name.startswith("vit_"):
+        return {"image_size": size[0]}
+    if name.startswith("maxvit"):
+        return {"input_size": size}
+    return {}
+
+
+def compile_size(name: str) -> int:
+    return max(MIN_SIZE, min(w.meta["min_size"][0] for w in get_model_weights(name)))
+
+
+def counted_macs(name: str) -> tuple[float, float, int]:
+    """(counted GMACs, published GMACs, resolution)."""
+    weights = smallest_weights(name)
+    size = weights.transforms.keywords.get("crop_size", 224)
+    torch.manual_seed(0)
+    model = get_model(name, **arch_kwargs(name, weights)).eval()
+    gm = analyze(capture(model, torch.rand(1, 3, size, size)))
+    return profile(gm).total_macs / 1e9, float(weights.meta["_ops"]), size
+
+
+def mixed(gm: torch.fx.GraphModule, seed: int = 0) -> dict[str, tuple[int, int]]:
+    rng = np.random.default_rng(seed)
+    return {info(n).layer: (int(rng.choice([4, 8])), int(rng.choice([4, 8]))) for n in quantizable_nodes(gm)}
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
+def randomized(model: torch.nn.Module, images: torch.Tensor) -> torch.nn.Module:
+    """A random-weight model that behaves like a trained one in scale: every all-zero weight drawn at random
+    (N(0, 0.02²): ViT's head starts at zero, which makes every logit 0), and the BatchNorm running statistics
+    measured on ``images`` (one pass in training mode, as bench/equivalence.py does). With torchvision's initial
+    statistics (mean 0, variance 1) the signal of GoogLeNet's 0.01-scaled weights dies out within a few layers
+    (logits of order 1e-8) and EfficientNet's grows, so quantization noise would be all that is left."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the pass
+        if norms:
+            model.train()
+            model(images)
+    return model.eval()
+
+
+POLICIES = (("w8a8", "float"), ("mixed", "float"), ("mixed", "po2"))  # (policy, scales); float is the default
+
+
+def compile_and_check(name: str, n_inputs: int, threads: int) -> dict:
+    size = compile_size(name)
+    g = torch.Generator().manual_seed(1)
+    calib = torch.rand(8, 3, size, size, generator=g)
+    x = torch.rand(n_inputs, 3, size, size, generator=g)
+    torch.manual_seed(0)
+    model = randomized(get_model(name).eval(), calib)
+    gm = analyze(capture(model, x[:1]))
+    cos, worst, agree, floor, sims = {}, {}, {}, {}, {}
+    nudged = x * (1 + 2.0 ** -22 * torch.randint(0, 2, x.shape, generator=g) * 2 - 2.0 ** -22)  # ±1 ulp or so
+    for label, scales in POLICIES:
+        apply_policy(gm, uniform(gm, 8, 8) if label == "w8a8" else mixed(gm))
+        sim = simulate(gm, [calib], scales=scales)
+        sims[label, scales] = sim
+        with torch.no_grad():
+            ref = torch.cat([sim(x[i:i + 8]) for i in range(0, len(x), 8)]).numpy()
+            again = torch.cat([sim(nudged[i:i + 8]) for i in range(0, len(x), 8)]).numpy()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        session = ort.InferenceSession(lower(sim, {}).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        out = np.concatenate([session.run(None, {"input": x[i:i + 8].numpy()})[0] for i in range(0, len(x), 8)])
+        key = f"{label} {scales}"
+        cos[key] = float(cosines(ref.reshape(1, -1), out.reshape(1, -1))[0])
+        worst[key] = float(cosines(ref, out).min())
+        agree[key] = float((ref.argmax(1) == out.argmax(1)).mean())
+        floor[key] = float(cosines(ref.reshape(1, -1), again.reshape(1, -1))[0])
+    lo, hi = input_box(x[:2], 1 / 255)
+    b_lo, b_hi = interval_bounds(sims["w8a8", "float"], lo, hi, dtype=torch.float32)
+    contained = True
+    with torch.no_grad():
+        for _ in range(8):
+            y = sims["w8a8", "float"](lo + (hi - lo) * torch.rand(lo.shape, generator=g))
+            contained &= bool(((y >= b_lo) & (y <= b_hi)).all())
+    return {"size": size, "cosine": cos, "worst": worst, "top1": agree, "floor": floor, "ibp": contained,
+            "layers": len(quantizable_nodes(gm))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="comma-separated model names (default: all)")
+    parser.add_argument("--inputs", type=int, default=32, help="random inputs compared per policy")
+    parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
+    parser.add_argument("--skip-macs", action="store_true", help="do not count MACs at the published resolution")
+    parser.add_argument("--skip-compile", action="store_true", help="only count MACs")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = torchvision.models.list_models(module=torchvision.models)
+    if args.only:
+        names = [n for n in names if n in args.only.split(",")]
+    print(f"torchvision {torchvision.__version__}, torch {torch.__version__}, onnxruntime {ort.__version__}; "
+          f"{len(names)} models, random weights, {args.inputs} random inputs per policy, threads={args.threads}")
+    print(f"{'model':20s} {'GMACs':>8s} {'paper':>8s} {'diff':>7s} {'res':>4s} | {'size':>4s} {'layers':>6s} "
+          f"{'W8A8':>8s} {'mixed':>8s} {'mix po2':>8s} | {'floor':>7s} {'worst':>6s} {'top-1':>5s} {'IBP':>4s} "
+          f"{'status':8s} "
+          f"{'s':>5s}")
+    passed, floored_count, macs_ok, macs_checked, rows = 0, 0, 0, 0, []
+    for name in names:
+        start = time.perf_counter()
+        row = f"{name:20s} "
+        try:
+            if args.skip_macs:
+                row += f"{'':8s} {'':8s} {'':7s} {'':4s} | "
+            else:
+                counted, published, res = counted_macs(name)
+                diff = counted / published - 1
+                macs_checked += 1
+                macs_ok += abs(diff) <= 0.02
+                row += f"{counted:8.3f} {published:8.3f} {100 * diff:+6.2f}% {res:4d} | "
+            if args.skip_compile:
+                status = "ok"
+                row += " " * 70
+            else:
+                r = compile_and_check(name, args.inputs, args.threads)
+                rows.append((name, r))
+                c, f = r["cosine"], r["floor"]
+                strict = min(c["w8a8 float"], c["mixed float"]) >= 0.999
+                floored = all(c[k] >= min(0.999, f[k]) for k in ("w8a8 float", "mixed float"))
+                status = "ok" if strict and r["ibp"] else "floor" if floored and r["ibp"] else "MISMATCH"
+                row += (f"{r['size']:4d} {r['layers']:6d} {c['w8a8 float']:8.5f} {c['mixed float']:8.5f} "
+                        f"{c['mixed po2']:8.5f} | {min(f.values()):7.5f} {min(r['worst'].values()):6.3f} "
+                        f"{min(r['top1'].values()):5.2f} {'yes' if r['ibp'] else 'NO':>4s} ")
+            passed += status == "ok"
+            floored_count += status == "floor"
+        except Exception as err:  # a row per model: report and go on
+            status = "FAILED"
+            row += f"{type(err).__name__}: {str(err).splitlines()[0][:150] if str(err) else ''} "
+            if args.only:
+                traceback.print_exc()
+        print(f"{row}{status:8s} {time.perf_counter() - start:5.1f}", flush=True)
+    print(f"summary: {passed} of {len(names)} models compile (W8A8 and mixed 4/8), lower and run in onnxruntime with "
+          f"logits cosine >= 0.999 at the default float scales and IBP bounds that contain the simulation; "
+          f"{floored_count} more agree with onnxruntime as closely as the simulation agrees with itself on inputs "
+          f"moved by an ulp (floor); MACs within 2% of torchvision's figure for {macs_ok} of {macs_checked}")
+    if rows:
+        for key in rows[0][1]["cosine"]:
+            values = [r["cosine"][key] for _, r in rows]
+            print(f"  {key:12s}: cosine >= 0.999 for {sum(v >= 0.999 for v in values)} of {len(values)}, median "
+                  f"{np.median(values):.6f}, lowest {min(values):.5f} ({rows[int(np.argmin(values))][0]}); "
+                  f"top-1 agreement median {np.median([r['top1'][key] for _, r in rows]):.3f}")
+
+
+if __name__ == "__main__":
+    main()
