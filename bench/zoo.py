@@ -103,8 +103,10 @@ def randomized(model: torch.nn.Module, images: torch.Tensor) -> torch.nn.Module:
         for m in norms:
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over the pass
-        if norms:
-            model.train()
+        if norms:  # only the norms in training mode: Inception's auxiliary head, which runs in training, needs 299
+            model.eval()
+            for m in norms:
+                m.train()
             model(images)
     return model.eval()
 
