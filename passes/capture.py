@@ -360,10 +360,7 @@ def _make_matmul(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         raise ArqcError(f"matmul node '{node.name}' multiplies a constant from the left; arqc quantizes "
                         "x @ W and products of two activations")
     if b.op == "get_attr" and b.meta["tensor_meta"].shape.__len__() == 2:
-        weight = get_attr(gm, b.target).detach()
-        module: nn.Module = nn.Linear(weight.shape[0], weight.shape[1], bias=False)
-        with torch.no_grad():
-            module.weight.copy_(weight.t())
+        module: nn.Module = _linear_from(get_attr(gm, b.target).detach().t(), None)
         path = _module_path(gm, node, "linear")
         node.args = (a,)
     elif b.op == "get_attr":
@@ -430,13 +427,17 @@ def _set_shape(node: torch.fx.Node, shape) -> None:
     node.meta["tensor_meta"] = _extract_tensor_metadata(torch.empty(tuple(shape)))
 
 
-def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+def _with_weights(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """``module`` (a fresh layer of the right shape) holding ``weight`` and ``bias``."""
     with torch.no_grad():
         module.weight.copy_(weight)
         if bias is not None:
             module.bias.copy_(bias)
     return module
+
+
+def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    return _with_weights(nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None), weight, bias)
 
 
 def _expand_attention(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
@@ -506,7 +507,7 @@ def _make_layer_module(gm: torch.fx.GraphModule, node: torch.fx.Node, rule: ops.
     args = list(node.args) + [None] * 9
     weight, bias = _constant(gm, args[1]), _constant(gm, args[2])
     if rule.kind == "linear":
-        module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        module = _linear_from(weight, bias)
     else:
         if node.target is torch.ops.aten.convolution.default:
             stride, padding, dilation, transposed, groups = args[3], args[4], args[5], args[6], args[8]
@@ -522,10 +523,7 @@ def _make_layer_module(gm: torch.fx.GraphModule, node: torch.fx.Node, rule: ops.
         module = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
                            stride=ops._as_tuple(stride or 1), padding=ops._as_tuple(padding or 0),
                            dilation=ops._as_tuple(dilation or 1), groups=groups, bias=bias is not None)
-    with torch.no_grad():
-        module.weight.copy_(weight)
-        if bias is not None:
-            module.bias.copy_(bias)
+        _with_weights(module, weight, bias)
     path = args[1].target.removesuffix(".weight")
     if path == args[1].target or not path:
         path = node.name
