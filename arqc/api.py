@@ -31,6 +31,7 @@ from arqc.passes.analysis import profile as profile_of
 from arqc.passes.policy import Policy, apply_policy
 from arqc.pipeline import prepare_model, resolve_policy
 from arqc.reports import report_from_onnx
+from arqc.runtime.cluster import RayPool, pool_for
 from arqc.runtime.run import CertifyResult
 from arqc.settings import CertifySettings, SearchSettings
 
@@ -57,7 +58,8 @@ def compile(model: Model, images: Images | None = None, *, arch: str | None = No
             scales: str = "float", int4_weights: bool = False, finetune_images: Images | None = None,
             workdir: str | Path | None = None,
             resume: bool = False, command: str | None = None, progress: bool = False,
-            log: Log = quiet) -> CompileResult:
+            log: Log = quiet, ray: str | RayPool | None = None, ray_workers: int | None = None,
+            chunk: int | None = None) -> CompileResult:
     """Quantize ``model`` and lower it to a QDQ ONNX model (``result.save(path)`` writes it).
 
     At a fixed precision (``bits``, ``w_bits``/``a_bits`` or ``policy``), or, with ``budget`` (a share of FP32
@@ -68,7 +70,9 @@ def compile(model: Model, images: Images | None = None, *, arch: str | None = No
     (onnxruntime or openvino) on ``test_images`` (and, with ``certify.verify``, compared with the torch
     simulation, with ``certify.compare_runtime`` with a second runtime) before it is returned;
     with ``epsilon``, it is also certified with sound interval bounds at that L∞ radius on ``test_images``. The
-    certificates go into the report and into the model's metadata."""
+    certificates go into the report and into the model's metadata. With ``ray`` (an address: "auto", "local",
+    HOST:PORT, or an open :class:`~arqc.runtime.cluster.RayPool`) the randomized-smoothing work runs on a Ray
+    cluster (``ray_workers`` actors, ``chunk`` points per task): the same result as a local run."""
     calib_sigma = (certify.sigma if certify is not None else 0.0) if calib_sigma is None else calib_sigma
     check_calibration(calib_images, calib_sigma)
     train = as_images(images) if images is not None else None
@@ -80,9 +84,10 @@ def compile(model: Model, images: Images | None = None, *, arch: str | None = No
         if bits is None and w_bits is None and a_bits is None and policy is None:
             raise ArqcError("say which precision to compile to: --bits B, --w-bits/--a-bits, or --policy FILE")
         chosen = resolve_policy(prep.gm, bits, w_bits, a_bits, policy, default=32)
-        return compile_fixed(prep, chosen, train, calib_images=calib_images, calib_sigma=calib_sigma, scales=scales,
-                             int4_weights=int4_weights, check=certify, test_images=test, epsilon=epsilon,
-                             command=command, progress=progress, log=log)
+        with pool_for(ray if certify is not None else None, ray_workers, chunk) as pool:
+            return compile_fixed(prep, chosen, train, calib_images=calib_images, calib_sigma=calib_sigma,
+                                 scales=scales, int4_weights=int4_weights, check=certify, test_images=test,
+                                 epsilon=epsilon, command=command, progress=progress, log=log, pool=pool)
     if bits is not None or w_bits is not None or a_bits is not None or policy is not None:
         raise ArqcError("--budget searches the precision: drop --bits/--w-bits/--a-bits/--policy")
     if certify is None or test is None:
@@ -93,10 +98,12 @@ def compile(model: Model, images: Images | None = None, *, arch: str | None = No
     if workdir is None:
         raise ArqcError("a search keeps its stages in a work directory: give workdir")
     search = replace(search or SearchSettings(), budget=budget)
-    return compile_searched(prep, train, test, search, certify, calib_images=calib_images,
-                            calib_sigma=calib_sigma, scales=scales,
-                            finetune=as_images(finetune_images) if finetune_images is not None else None,
-                            epsilon=epsilon, workdir=workdir, resume=resume, progress=progress, log=log)
+    with pool_for(ray, ray_workers, chunk) as pool:
+        return compile_searched(prep, train, test, search, certify, calib_images=calib_images,
+                                calib_sigma=calib_sigma, scales=scales,
+                                finetune=as_images(finetune_images) if finetune_images is not None else None,
+                                epsilon=epsilon, workdir=workdir, resume=resume, progress=progress, log=log,
+                                pool=pool)
 
 
 def certify(model: Model, images: Images, *, sigma: float, n: int | None = None, n0: int | None = None,
@@ -104,12 +111,14 @@ def certify(model: Model, images: Images, *, sigma: float, n: int | None = None,
             batch: int = 400, backend: str | None = None, arch: str | None = None, trust_pickle: bool = False,
             input_shape: tuple[int, ...] | None = None, ort_opt: str = "all", threads: int | None = None,
             state_path: str | Path | None = None, irs_cache: str | None = None, save_irs_cache: str | None = None,
-            progress: bool = False, log: Log = quiet) -> CertifyResult:
+            progress: bool = False, log: Log = quiet, ray: str | RayPool | None = None,
+            ray_workers: int | None = None, chunk: int | None = None) -> CertifyResult:
     """Certify the smoothed ``model`` (Cohen et al.'s CERTIFY, DESIGN §3) on every ``skip``-th of ``images``
     (at most ``num_images``) at noise σ: n estimation and n0 selection samples per image, failure probability
     α (defaults: 100,000 / 100 / 0.001, or an IRS cache's). ``.onnx`` files run in onnxruntime, or in OpenVINO
     with ``backend="openvino"``; other models in torch, or with ``backend="ort"``/``"openvino"`` lowered at FP32
-    to that runtime. With ``state_path`` the run resumes."""
+    to that runtime. With ``state_path`` the run resumes (a local run and a ``ray`` run continue each other).
+    With ``ray`` (as for :func:`compile`) the points run in chunks on a Ray cluster: the same points."""
     n, n0, alpha, seed = resolve_args(sigma=sigma, n=n, n0=n0, alpha=alpha, seed=seed, batch=batch, threads=threads,
                                       irs_cache=irs_cache, save_irs_cache=save_irs_cache,
                                       resumable=state_path is not None)
@@ -117,10 +126,12 @@ def certify(model: Model, images: Images, *, sigma: float, n: int | None = None,
         if value is not None and value < 1:
             raise ArqcError(f"{name} must be at least 1, got {value}")
     chosen = as_images(images).subset(num=num_images, skip=skip)
-    return certify_images(model, chosen, sigma=sigma, n=n, n0=n0, alpha=alpha, seed=seed, batch=batch,
-                          backend=backend, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape,
-                          ort_opt=ort_opt, threads=threads, state_path=Path(state_path) if state_path else None,
-                          irs_cache=irs_cache, save_irs_cache=save_irs_cache, progress=progress, log=log)
+    with pool_for(ray, ray_workers, chunk) as pool:
+        return certify_images(model, chosen, sigma=sigma, n=n, n0=n0, alpha=alpha, seed=seed, batch=batch,
+                              backend=backend, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape,
+                              ort_opt=ort_opt, threads=threads, state_path=Path(state_path) if state_path else None,
+                              irs_cache=irs_cache, save_irs_cache=save_irs_cache, progress=progress, log=log,
+                              pool=pool)
 
 
 def report(model: str) -> dict:

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, replace
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -47,17 +48,21 @@ from arqc.runtime.irs import build_cache, load_cache
 from arqc.runtime.run import CertifyResult, certify_dataset, check_comparisons, deployed_backend
 from arqc.settings import CertifySettings, CompileSettings, SearchSettings
 
+if TYPE_CHECKING:
+    from arqc.runtime.cluster import RayPool
+
 TEST_SEED_OFFSET = 7919  # final certificates use other seeds than anything in the search
 
 
 class Run:
     def __init__(self, prep: PreparedModel, train: ImageSet, test: ImageSet, settings: SearchSettings,
                  workdir: Path, resume: bool, progress: bool = True, fp32_dir: Path | None = None,
-                 finetune: ImageSet | None = None):
+                 finetune: ImageSet | None = None, pool: RayPool | None = None):
         """``fp32_dir``: where the FP32 model's IRS cache and certification live (default: ``workdir``);
         runs that differ only in method or budget can share them. ``finetune``: the QAT images (default:
-        ``train``, which also provides the calibration and search images)."""
-        self.prep, self.train, self.test, self.s = prep, train, test, settings
+        ``train``, which also provides the calibration and search images). ``pool``: a Ray pool that runs the
+        FP32 cache, the candidates' rewards and the final certificates (the agent stays here; same results)."""
+        self.prep, self.train, self.test, self.s, self.pool = prep, train, test, settings, pool
         self.finetune_set = finetune if finetune is not None else train
         self.dir, self.progress = Path(workdir), progress
         self.fp32_dir = Path(fp32_dir) if fp32_dir is not None else self.dir
@@ -142,7 +147,7 @@ class Run:
         self.fp32_dir.mkdir(parents=True, exist_ok=True)
         cache = build_cache(backend, self.search.x.numpy(), self.search.y.numpy(), ids, sigma=s.sigma,
                             n0=s.n0, n=s.cache_n, alpha=s.alpha, batch_size=s.batch_size, seed=s.seed,
-                            progress=self.progress)
+                            progress=self.progress, pool=self.pool)
         cache.save(path)
         return cache
 
@@ -159,7 +164,7 @@ class Run:
         else:
             cache = self._timed("fp32 cache", self.fp32_cache)
             reward = CertifiedReward(self.candidate_sim, self.search.x, self.search.y, ids, cache, s.search_n,
-                                     s.lam, s.batch_size, make_backend=self._candidate_backend)
+                                     s.lam, s.batch_size, make_backend=self._candidate_backend, pool=self.pool)
         state = self.dir / "search_state.pt"
         if s.method == "random":
             log = random_search(env, reward, s.episodes, s.seed, state, progress=self.progress)
@@ -201,7 +206,7 @@ class Run:
         s, t = self.s, self.test_set
         return certify_dataset(backend, t.x, t.y, [int(i) for i in t.ids], sigma=s.sigma, n0=s.n0, n=s.n,
                                alpha=s.alpha, batch_size=s.batch_size, seed=s.seed + TEST_SEED_OFFSET,
-                               state_path=state_path, progress=self.progress)
+                               state_path=state_path, progress=self.progress, pool=self.pool)
 
     def policy(self) -> tuple[Policy, list[dict]]:
         """The search stage: the chosen policy and the episode log (from policy.json once it is done)."""

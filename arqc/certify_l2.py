@@ -35,14 +35,13 @@ Incremental randomized smoothing (IRS)
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import torch
-from tqdm import tqdm
 
 from arqc.base import ArqcError, Log, quiet
 from arqc.data import ImageSet, check_compatible
@@ -50,11 +49,14 @@ from arqc.passes.lower import read_metadata
 from arqc.passes.policy import uniform
 from arqc.pipeline import model_identity, prepare_model, quantize, to_onnx
 from arqc.runtime.backends import Backend, OpenVinoBackend, OrtBackend, TorchBackend, runtime_backend
-from arqc.runtime.irs import build_cache, load_cache
+from arqc.runtime.irs import cache_points, load_cache
 from arqc.runtime.irs_cache import IrsCache, image_digest
 from arqc.runtime.run import CertifyResult, certify_dataset, check_comparisons, deployed_backend, format_table
 from arqc.runtime.smoothing import ABSTAIN
 from arqc.settings import DEFAULT_ALPHA, DEFAULT_N, DEFAULT_N0, CertifySettings, check_smoothing_args
+
+if TYPE_CHECKING:
+    from arqc.runtime.cluster import RayPool
 
 
 @dataclass
@@ -171,19 +173,16 @@ def path_lines(result: CertifyResult) -> list[str]:
 
 def certify_with_cache(backend: Backend, root: str, x: np.ndarray, y: list[int], ids: list[int], *,
                        sigma: float, n0: int, n: int, alpha: float, batch: int, seed: int,
-                       progress: bool = True) -> tuple[CertifyResult, IrsCache]:
-    """CERTIFY every point keeping f's class on each estimation sample: the result and the IRS cache (its
-    fingerprint: ``root``, the full-precision model's)."""
+                       progress: bool = True, pool: RayPool | None = None) -> tuple[CertifyResult, IrsCache]:
+    """CERTIFY every point keeping f's class on each estimation sample (with ``pool``: on a Ray cluster): the
+    result and the IRS cache (its fingerprint: ``root``, the full-precision model's)."""
     points, cached = [], []
-    for i in tqdm(range(len(ids)), desc="certify + IRS cache", disable=not progress):
-        start = time.perf_counter()
-        one = build_cache(backend, x[i : i + 1], np.array(y[i : i + 1]), ids[i : i + 1], sigma=sigma, n0=n0,
-                          n=n, alpha=alpha, batch_size=batch, seed=seed).points[0]
+    for one, seconds in cache_points(backend, x, y, ids, sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch,
+                                     seed=seed, progress=progress, pool=pool):
         cached.append(one)
         prediction = one.top_class if one.pA_lower > 0.5 else ABSTAIN
-        points.append({"index": ids[i], "label": y[i], "prediction": prediction, "radius": one.radius,
-                       "pA_lower": one.pA_lower, "samples": n0 + n, "path": "full",
-                       "seconds": time.perf_counter() - start})
+        points.append({"index": one.image_id, "label": one.label, "prediction": prediction, "radius": one.radius,
+                       "pA_lower": one.pA_lower, "samples": n0 + n, "path": "full", "seconds": seconds})
     args = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed}
     result = CertifyResult.build(args, backend.name, backend.fingerprint(), points)
     return result, IrsCache(fingerprint=root, sigma=sigma, n=n, n0=n0, alpha=alpha, seed=seed, points=cached)
@@ -215,25 +214,29 @@ def certify_images(model: str | torch.nn.Module, images: ImageSet, *, sigma: flo
                    alpha: float, seed: int, batch: int = 400, backend: str | None = None, arch: str | None = None,
                    trust_pickle: bool = False, input_shape: tuple[int, ...] | None = None, ort_opt: str = "all",
                    threads: int | None = None, state_path: Path | None = None, irs_cache: str | None = None,
-                   save_irs_cache: str | None = None, progress: bool = True, log: Log = quiet) -> CertifyResult:
+                   save_irs_cache: str | None = None, progress: bool = True, log: Log = quiet,
+                   pool: RayPool | None = None) -> CertifyResult:
     """CERTIFY (Cohen et al.) every image of ``images`` with the smoothed ``model`` at noise σ (arguments as
     :func:`resolve_args` gives them): a fresh certificate, IRS against the cache file ``irs_cache``, or a fresh
-    certificate that also writes the cache ``save_irs_cache``. With ``state_path`` the run resumes."""
+    certificate that also writes the cache ``save_irs_cache``. With ``state_path`` the run resumes; with
+    ``pool`` the points run on a Ray cluster (the same result)."""
     loaded = load_backend(model, backend, arch, trust_pickle, input_shape, batch, ort_opt, threads)
     check_compatible(images, loaded.input_shape, loaded.num_classes)
     name = model if isinstance(model, str) else type(model).__name__
     cache = open_irs_cache(irs_cache, loaded, name, sigma, images, log) if irs_cache else None
     x, y, ids = images.x.numpy(), [int(v) for v in images.y], [int(i) for i in images.ids]
     log(f"certifying {len(ids)} images of {images.spec} with {name} on {loaded.backend.name}: sigma={sigma} "
-        f"n={n} n0={n0} alpha={alpha} seed={seed}" + (f" (IRS against {irs_cache})" if cache else ""))
+        f"n={n} n0={n0} alpha={alpha} seed={seed}" + (f" (IRS against {irs_cache})" if cache else "")
+        + (f", on {pool.workers} Ray workers" if pool is not None else ""))
     if save_irs_cache:
         result, new_cache = certify_with_cache(loaded.backend, loaded.root, x, y, ids, sigma=sigma, n0=n0, n=n,
-                                               alpha=alpha, batch=batch, seed=seed, progress=progress)
+                                               alpha=alpha, batch=batch, seed=seed, progress=progress, pool=pool)
         new_cache.save(save_irs_cache)
         log(f"wrote IRS cache {save_irs_cache} ({len(ids)} points, n={n})")
         return result
     return _resumable(loaded.backend, x, y, ids, state_path, dict(
-        sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch, seed=seed, irs_cache=cache, progress=progress), log)
+        sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch, seed=seed, irs_cache=cache, progress=progress,
+        pool=pool), log)
 
 
 def _resumable(backend: Backend, x, y, ids, state_path: Path | None, args: dict, log: Log) -> CertifyResult:
@@ -260,7 +263,7 @@ def _resumable(backend: Backend, x, y, ids, state_path: Path | None, args: dict,
 
 
 def certify_onnx(onnx_bytes: bytes, reference: Backend | None, images: ImageSet, check: CertifySettings, *,
-                 batch: int = 400, progress: bool = True, log: Log = quiet) -> dict:
+                 batch: int = 400, progress: bool = True, log: Log = quiet, pool: RayPool | None = None) -> dict:
     """The ONNX model's certificate in ``check.runtime`` (onnxruntime at ENABLE_ALL, the deployment level, or
     OpenVINO) on ``images``; with a ``reference`` (the torch simulation), and with ``check.compare_runtime``,
     also the rates at which they disagree on the same noisy samples, refused (ArqcError) above
@@ -273,7 +276,7 @@ def certify_onnx(onnx_bytes: bytes, reference: Backend | None, images: ImageSet,
     log(f"certifying the ONNX model in {backend.runtime} on {len(ids)} images of "
         f"{images.spec}: sigma={c.sigma} n={c.n} n0={c.n0} alpha={c.alpha} seed={c.seed}")
     certificate = certify_dataset(backend, x, y, ids, sigma=c.sigma, n0=c.n0, n=c.n, alpha=c.alpha,
-                                  batch_size=batch, seed=c.seed, progress=progress)
+                                  batch_size=batch, seed=c.seed, progress=progress, pool=pool)
     certificate.data = images.spec
     log(format_table(certificate))
     checked = check_comparisons(comparisons, c.alpha, c.max_disagreement, log)

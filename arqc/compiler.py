@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import torch
@@ -23,6 +24,9 @@ from arqc.passes.policy import Policy, policy_to_json
 from arqc.pipeline import PreparedModel, quantize, to_onnx
 from arqc.runtime.backends import TorchBackend
 from arqc.settings import CertifySettings, SearchSettings
+
+if TYPE_CHECKING:
+    from arqc.runtime.cluster import RayPool
 
 
 @dataclass
@@ -57,11 +61,11 @@ def compile_fixed(prep: PreparedModel, policy: Policy, calibration: ImageSet | N
                   calib_sigma: float = 0.0, scales: str = "float", int4_weights: bool = False,
                   check: CertifySettings | None = None, test_images: ImageSet | None = None,
                   epsilon: float | None = None, command: str | None = None, progress: bool = True,
-                  log: Log = quiet) -> CompileResult:
+                  log: Log = quiet, pool: RayPool | None = None) -> CompileResult:
     """Quantize at ``policy`` (activation ranges from ``calib_images`` calibration images with noise
     ``calib_sigma``), lower, and on ``test_images`` certify the ONNX model: in onnxruntime with randomized
     smoothing (L2) with ``check``, with interval bounds at L∞ radius ``epsilon`` when given. The certificates go
-    into the report and the model's metadata."""
+    into the report and the model's metadata. With ``pool`` the L2 certificate runs on a Ray cluster."""
     if check is not None or epsilon is not None:
         if test_images is None:
             what = "--sigma" if check is not None else "--epsilon"
@@ -84,7 +88,7 @@ def compile_fixed(prep: PreparedModel, policy: Policy, calibration: ImageSet | N
     data = model.SerializeToString()  # the bytes every certificate is computed on
     if check is not None:  # certify (and verify) the exact bytes before anything is written
         reference = TorchBackend(sim, batch_size=400) if check.verify else None
-        certified = certify_onnx(data, reference, test_images, check, progress=progress, log=log)
+        certified = certify_onnx(data, reference, test_images, check, progress=progress, log=log, pool=pool)
         cert = certified["certificate"]
         report |= {"certified_accuracy": cert.certified_accuracy, "acr": cert.acr, **certified,
                    "certificate": cert.to_json()}
@@ -112,13 +116,14 @@ def linf_certificate(sim: torch.fx.GraphModule, model: bytes, images: ImageSet, 
 def compile_searched(prep: PreparedModel, train: ImageSet, test: ImageSet, search: SearchSettings,
                      check: CertifySettings, *, calib_images: int = 256, calib_sigma: float | None = None,
                      scales: str = "float", finetune: ImageSet | None = None, epsilon: float | None = None,
-                     workdir: str | Path, resume: bool = False, progress: bool = True, log: Log = quiet
-                     ) -> CompileResult:
+                     workdir: str | Path, resume: bool = False, progress: bool = True, log: Log = quiet,
+                     pool: RayPool | None = None) -> CompileResult:
     """``arqc compile --budget``: the whole ARQ pipeline (search → QAT → lower → fresh certificate of the ONNX
     model in onnxruntime on ``test``, and at L∞ radius ``epsilon`` when given). The search runs on ``train``
     (calibration images first, then the search images); its stages live in ``workdir`` so that ``resume``
     continues an interrupted run. ``search`` gives the search's own options; its certification and calibration
-    fields are taken from ``check``, ``calib_images``, ``calib_sigma`` and ``scales``."""
+    fields are taken from ``check``, ``calib_images``, ``calib_sigma`` and ``scales``. With ``pool`` the FP32
+    IRS cache, the candidates' rewards and the final certificates run on a Ray cluster (the same result)."""
     check_compatible(test, prep.input_shape, prep.loaded.num_classes)
     if finetune is not None:
         if finetune.spec == test.spec:
@@ -128,7 +133,7 @@ def compile_searched(prep: PreparedModel, train: ImageSet, test: ImageSet, searc
     settings = replace(search, sigma=check.sigma, n0=check.n0, n=check.n, alpha=check.alpha,
                        test_images=check.num_images, seed=check.seed, scales=scales, calib_images=calib_images,
                        calib_sigma=calib_sigma)
-    run = Run(prep, train, test, settings, Path(workdir), resume, progress=progress, finetune=finetune)
+    run = Run(prep, train, test, settings, Path(workdir), resume, progress=progress, finetune=finetune, pool=pool)
     meta = prep.settings(scales=scales, calibration_data=train.spec, calibration_images=calib_images,
                          sigma=check.sigma, finetune_data=(finetune or train).spec)
     model, report, sim = run.run(meta, check)

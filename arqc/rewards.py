@@ -13,6 +13,7 @@ images (DESIGN §3).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx
@@ -21,6 +22,9 @@ from arqc.passes.policy import Policy
 from arqc.runtime.backends import Backend, TorchBackend
 from arqc.runtime.irs_cache import IrsCache
 from arqc.runtime.run import certify_dataset
+
+if TYPE_CHECKING:
+    from arqc.runtime.cluster import RayPool
 
 SimFactory = Callable[[Policy], torch.fx.GraphModule]  # policy → calibrated simulated model
 
@@ -43,11 +47,12 @@ class _Memo:
 
 class CertifiedReward(_Memo):
     """``make_backend`` builds the executor of a candidate (e.g. its lowered ONNX model in onnxruntime, what
-    will be deployed; by default the torch simulation from ``make_sim``)."""
+    will be deployed; by default the torch simulation from ``make_sim``). With ``pool`` the search images are
+    certified on a Ray cluster, split into chunks (the same reward)."""
 
     def __init__(self, make_sim: SimFactory, images: torch.Tensor, labels: torch.Tensor, ids: list[int],
                  cache: IrsCache, n_prime: int, lam: float = 0.0, batch_size: int = 400,
-                 make_backend: Callable[[Policy], Backend] | None = None):
+                 make_backend: Callable[[Policy], Backend] | None = None, pool: RayPool | None = None):
         super().__init__()
         keep = [i for i, (label, image_id) in enumerate(zip(labels.tolist(), ids, strict=True))
                 if cache.point(image_id).top_class == label]
@@ -55,14 +60,15 @@ class CertifiedReward(_Memo):
         self.images, self.labels, self.ids = images[keep], labels[keep], [ids[i] for i in keep]
         self.make_backend = make_backend or (lambda policy: TorchBackend(make_sim(policy), batch_size=batch_size))
         self.cache_fp32, self.n_prime, self.lam, self.batch_size = cache, n_prime, lam, batch_size
-        self.samples = 0
+        self.samples, self.pool = 0, pool
 
     def score(self, policy: Policy) -> tuple[float, dict]:
         if not self.ids:
             return 0.0, {"acr": 0.0, "clean_accuracy": 0.0, "samples": 0}
         result = certify_dataset(self.make_backend(policy), self.images, self.labels, self.ids,
                                  sigma=self.cache_fp32.sigma, n=self.n_prime, alpha=self.cache_fp32.alpha,
-                                 batch_size=self.batch_size, irs_cache=self.cache_fp32, progress=False)
+                                 batch_size=self.batch_size, irs_cache=self.cache_fp32, progress=False,
+                                 pool=self.pool)
         samples = sum(p["samples"] for p in result.points)
         self.samples += samples
         share = len(self.ids) / self.total  # the skipped images score 0 in both terms

@@ -12,7 +12,9 @@ import abc
 import copy
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -77,6 +79,35 @@ class Backend(abc.ABC):
         """int64 top class of every row of a batch [B, C, H, W]."""
         return self.logits(x).argmax(axis=1).astype(np.int64)
 
+    def recipe(self) -> BackendRecipe:
+        """What rebuilds this backend in another process (a Ray worker): :meth:`BackendRecipe.build`."""
+        raise ArqcError(f"the {self.name} backend cannot be shipped to Ray workers; certify it without --ray")
+
+
+@dataclass(frozen=True)
+class BackendRecipe:
+    """A picklable description of a backend: ``kind`` (a ``RUNTIMES`` name, "torch" or "compare"), the model
+    (ONNX bytes, an nn.Module, or for "compare" the (primary, reference) recipes), the batch size and the
+    options of the backend's class. ``threads`` None means: as many as the process building it is given."""
+
+    kind: str
+    model: Any
+    batch_size: int
+    options: dict
+    key: str  # identifies the model and the settings: a worker builds each recipe once
+
+    def build(self, threads: int | None = None) -> Backend:
+        o = self.options
+        if self.kind == "compare":
+            primary, reference = self.model
+            return ComparingBackend(primary.build(threads), reference.build(threads), o["label"])
+        if self.kind == "torch":
+            if o["threads"] or threads:
+                torch.set_num_threads(o["threads"] or threads)
+            return TorchBackend(self.model, batch_size=self.batch_size, device=o["device"])
+        return runtime_backend(self.kind, self.model, batch_size=self.batch_size, threads=o["threads"] or threads,
+                               ort_opt=o.get("ort_opt", "all"))
+
 
 class TorchBackend(Backend):
     """A torch.nn.Module in eval mode under inference_mode, on cuda when available unless ``device`` says.
@@ -95,6 +126,10 @@ class TorchBackend(Backend):
             module = copy.deepcopy(module).to(self.device)
         self.module = module.eval()
         self.runtime = f"torch {torch.__version__} ({self.device})"
+
+    def recipe(self) -> BackendRecipe:
+        return BackendRecipe("torch", self.module, self.batch_size, {"device": str(self.device), "threads": None},
+                             key=f"torch:{self.fingerprint()}:{self.batch_size}:{self.device}")
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -138,6 +173,7 @@ class OrtBackend(Backend):
         if opt_level not in OPT_LEVELS:
             raise ArqcError(f"unknown opt_level {opt_level!r}; use one of {', '.join(OPT_LEVELS)}")
         self.model_bytes = _model_bytes(model)
+        self.opt_level, self.threads = opt_level, intra_op_threads
         options = ort.SessionOptions()
         options.graph_optimization_level = OPT_LEVELS[opt_level]
         if intra_op_threads is not None:
@@ -160,6 +196,11 @@ class OrtBackend(Backend):
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: x})[0]
+
+    def recipe(self) -> BackendRecipe:
+        return BackendRecipe("onnxruntime", self.model_bytes, self.batch_size,
+                             {"ort_opt": self.opt_level, "threads": self.threads},
+                             key=f"onnxruntime:{self._digest}:{self.batch_size}:{self.opt_level}:{self.threads}")
 
     def fingerprint(self) -> str:
         """sha256 of the serialized model file."""
@@ -188,7 +229,7 @@ class OpenVinoBackend(Backend):
                  threads: int | None = None) -> None:
         super().__init__(batch_size)
         ov = openvino_module()
-        self.model_bytes = _model_bytes(model)
+        self.model_bytes, self.threads = _model_bytes(model), threads
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": "f32"}
         if threads is not None:
@@ -214,6 +255,10 @@ class OpenVinoBackend(Backend):
     def _run(self, x: np.ndarray) -> np.ndarray:
         result = self.request.infer({0: x})
         return np.array(result[self.compiled.outputs[0]], dtype=np.float32, copy=True)
+
+    def recipe(self) -> BackendRecipe:
+        return BackendRecipe("openvino", self.model_bytes, self.batch_size, {"threads": self.threads},
+                             key=f"openvino:{self._digest}:{self.batch_size}:{self.threads}")
 
     def fingerprint(self) -> str:
         """sha256 of the model bytes, the OpenVINO version, the CPU and the inference settings."""
@@ -294,3 +339,17 @@ class ComparingBackend(Backend):
 
     def fingerprint(self) -> str:
         return self.primary.fingerprint()
+
+    def recipe(self) -> BackendRecipe:
+        primary, reference = self.primary.recipe(), self.reference.recipe()
+        return BackendRecipe("compare", (primary, reference), self.batch_size, {"label": self.label},
+                             key=f"compare:{primary.key}:{reference.key}")
+
+
+def comparisons(backend: Backend) -> list[ComparingBackend]:
+    """The ComparingBackends of a chain (``backend`` and its primaries), outermost first."""
+    chain = []
+    while isinstance(backend, ComparingBackend):
+        chain.append(backend)
+        backend = backend.primary
+    return chain

@@ -26,7 +26,11 @@ The cache file format lives in arqc.runtime.irs_cache.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.stats import norm
@@ -44,6 +48,9 @@ from arqc.runtime.smoothing import (
     sample_predictions,
     upper_confidence_bound,
 )
+
+if TYPE_CHECKING:
+    from arqc.runtime.cluster import RayPool
 
 __all__ = ["DEFAULT_GAMMA", "CachePoint", "IncrementalCertificate", "IrsCache", "build_cache",
            "certify_incremental", "load_cache"]
@@ -77,29 +84,47 @@ def build_cache(
     batch_size: int,
     seed: int,
     progress: bool = False,
+    pool: RayPool | None = None,
 ) -> IrsCache:
-    """CERTIFY f on every image [N, C, H, W] once and keep what IRS needs (save it with ``IrsCache.save``)."""
+    """CERTIFY f on every image [N, C, H, W] once and keep what IRS needs (save it with ``IrsCache.save``);
+    with ``pool``, on a Ray cluster (the same cache)."""
+    points = [point for point, _ in cache_points(backend, images, labels, ids, sigma=sigma, n0=n0, n=n, alpha=alpha,
+                                                 batch_size=batch_size, seed=seed, progress=progress, pool=pool)]
+    return IrsCache(fingerprint=backend.fingerprint(), sigma=sigma, n=n, n0=n0, alpha=alpha, seed=seed,
+                    points=points)
+
+
+def cache_points(backend: Backend, images: np.ndarray, labels, ids: list[int], *, progress: bool = False,
+                 pool: RayPool | None = None, **settings) -> Iterator[tuple[CachePoint, float]]:
+    """Every image's cache point (CERTIFY keeping f's class on each estimation sample) and its seconds, in
+    order: one image at a time here, or in chunks on the Ray ``pool``."""
     images = np.asarray(images, dtype=np.float32)
+    labels = [int(v) for v in labels]
     if not len(images) == len(labels) == len(ids):
         raise ArqcError(f"images ({len(images)}), labels ({len(labels)}) and ids ({len(ids)}) differ in "
                         "length; pass one label and one id per image")
-    points = []
-    for image, label, image_id in tqdm(zip(images, labels, ids, strict=True), total=len(ids),
-                                       disable=not progress, desc="IRS cache"):
+    if pool is None:
+        stream = (p for i in range(len(ids)) for p in _cache_chunk(backend, images[i : i + 1], labels[i : i + 1],
+                                                                     ids[i : i + 1], **settings))
+    else:
+        tasks = [partial(_cache_chunk, images=images[c], labels=[labels[i] for i in c], ids=[ids[i] for i in c],
+                         **settings) for c in pool.chunks(list(range(len(ids))), settings["n0"] + settings["n"])]
+        stream = (p for chunk in pool.map(backend, tasks) for p in chunk)
+    yield from tqdm(stream, total=len(ids), disable=not progress, desc="IRS cache")
+
+
+def _cache_chunk(backend: Backend, images: np.ndarray, labels: list[int], ids: list[int], *, sigma: float, n0: int,
+                 n: int, alpha: float, batch_size: int, seed: int) -> list[tuple[CachePoint, float]]:
+    out = []
+    for image, label, image_id in zip(images, labels, ids, strict=True):
+        start = time.perf_counter()
         cert = certify(backend, image, sigma, n0, n, alpha, batch_size, point_seed(seed, int(image_id)),
                        keep_predictions=True)
-        points.append(CachePoint(
-            image_id=int(image_id),
-            label=int(label),
-            top_class=cert.top_class,
-            pA_lower=cert.pA_lower,
-            radius=cert.radius,
-            seed=cert.seed,
-            image_sha256=image_digest(image),
-            predictions=cert.predictions,
-        ))
-    return IrsCache(fingerprint=backend.fingerprint(), sigma=sigma, n=n, n0=n0, alpha=alpha, seed=seed,
-                    points=points)
+        out.append((CachePoint(image_id=int(image_id), label=int(label), top_class=cert.top_class,
+                               pA_lower=cert.pA_lower, radius=cert.radius, seed=cert.seed,
+                               image_sha256=image_digest(image), predictions=cert.predictions),
+                    time.perf_counter() - start))
+    return out
 
 
 def certify_incremental(

@@ -13,9 +13,11 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,10 +27,13 @@ from arqc.base import ArqcError, Log, first_difference, quiet
 from arqc.passes.meta import SEMANTICS, check_semantics
 from arqc.runtime.backends import Backend, ComparingBackend, TorchBackend, runtime_backend
 from arqc.runtime.irs import DEFAULT_GAMMA, certify_incremental
-from arqc.runtime.irs_cache import IrsCache
+from arqc.runtime.irs_cache import CachePoint, IrsCache
 from arqc.runtime.metrics import DEFAULT_RADII, summarize
 from arqc.runtime.noise import NOISE_SCHEME, point_seed
 from arqc.runtime.smoothing import certify, check_arguments, upper_confidence_bound
+
+if TYPE_CHECKING:
+    from arqc.runtime.cluster import RayPool
 
 STATE_FORMAT = "arqc-certify-state"
 STATE_VERSION = 1
@@ -52,12 +57,14 @@ def certify_dataset(
     gamma: float = DEFAULT_GAMMA,
     alpha_zeta: float | None = None,
     radii: Sequence[float] = DEFAULT_RADII,
+    pool: RayPool | None = None,
 ) -> CertifyResult:
     """Certify every image x[i] (N, C, H, W; pixels in [0, 1]) with label y[i] and id ids[i] (default i).
 
     Without ``irs_cache``: CERTIFY(n0, n) per point (path "full"). With it: IRS against the cached f,
     with n' = n samples of the backend's model f' (σ and α must be the cache's; n0 and seed are unused: the
-    noise comes from the seeds recorded in the cache).
+    noise comes from the seeds recorded in the cache). With ``pool`` the points run in chunks on a Ray
+    cluster and come back in order: the same points as a local run (timings aside).
     """
     check_arguments(sigma=sigma, n0=n0, n=n, alpha=alpha)
     images = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float32)
@@ -80,14 +87,21 @@ def certify_dataset(
     }
     points = (_resume(Path(state_path), header, ids, lambda k: _data_digest(images[:k], labels[:k], ids[:k]))
               if state_path is not None else [])
+    settings = dict(sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size, seed=seed, gamma=gamma,
+                    alpha_zeta=alpha_zeta)
+    todo = list(range(len(points), len(ids)))
+    if pool is None:
+        stream: Iterator[dict] = (p for i in todo for p in _certify_chunk(
+            backend, images[i : i + 1], labels[i : i + 1], ids[i : i + 1],
+            None if irs_cache is None else [irs_cache.point(ids[i])], **settings))
+    else:
+        tasks = [partial(_certify_chunk, images=images[c], labels=[labels[i] for i in c], ids=[ids[i] for i in c],
+                         cache_points=None if irs_cache is None else [irs_cache.point(ids[i]) for i in c], **settings)
+                 for c in pool.chunks(todo, n if irs_cache is not None else n0 + n)]
+        stream = (p for chunk in pool.map(backend, tasks) for p in chunk)
     state = open(state_path, "a", encoding="utf-8") if state_path is not None else None
     try:
-        todo = range(len(points), len(ids))
-        for i in tqdm(todo, total=len(ids), initial=len(points), disable=not progress, desc="certify"):
-            start = time.perf_counter()
-            point = _certify_point(backend, images[i], labels[i], ids[i], sigma, n0, n, alpha, batch_size,
-                                   seed, irs_cache, gamma, alpha_zeta)
-            point["seconds"] = time.perf_counter() - start
+        for point in tqdm(stream, total=len(ids), initial=len(points), disable=not progress, desc="certify"):
             points.append(point)
             if state is not None:
                 state.write(json.dumps(point) + "\n")
@@ -99,15 +113,28 @@ def certify_dataset(
     return CertifyResult.build(header["args"], backend.name, header["backend"]["fingerprint"], points, radii)
 
 
-def _certify_point(backend: Backend, image: np.ndarray, label: int, image_id: int, sigma: float, n0: int,
-                   n: int, alpha: float, batch_size: int, seed: int, irs_cache: IrsCache | None,
-                   gamma: float, alpha_zeta: float | None) -> dict:
-    """One JSON point: full CERTIFY, or IRS against the cache."""
-    if irs_cache is None:
+def _certify_chunk(backend: Backend, images: np.ndarray, labels: list[int], ids: list[int],
+                   cache_points: list[CachePoint] | None, **settings) -> list[dict]:
+    """The JSON points of some images (with their IRS cache points, or None), each with its seconds: what a
+    local run does one image at a time and a Ray worker one chunk at a time."""
+    out = []
+    for k, (image, label, image_id) in enumerate(zip(images, labels, ids, strict=True)):
+        start = time.perf_counter()
+        cached = None if cache_points is None else cache_points[k]
+        point = _certify_point(backend, image, label, image_id, cached, **settings)
+        out.append(point | {"seconds": time.perf_counter() - start})
+    return out
+
+
+def _certify_point(backend: Backend, image: np.ndarray, label: int, image_id: int, cached: CachePoint | None, *,
+                   sigma: float, n0: int, n: int, alpha: float, batch_size: int, seed: int, gamma: float,
+                   alpha_zeta: float | None) -> dict:
+    """One JSON point: full CERTIFY, or IRS against the point's cache entry."""
+    if cached is None:
         cert = certify(backend, image, sigma, n0, n, alpha, batch_size, point_seed(seed, image_id))
         return {"index": image_id, "label": label, "prediction": cert.prediction, "radius": cert.radius,
                 "pA_lower": cert.pA_lower, "samples": cert.samples, "path": "full"}
-    cert = certify_incremental(backend, image, irs_cache.point(image_id), sigma=sigma, alpha=alpha, n_prime=n,
+    cert = certify_incremental(backend, image, cached, sigma=sigma, alpha=alpha, n_prime=n,
                                alpha_zeta=alpha_zeta, gamma=gamma, batch_size=batch_size)
     return {"index": image_id, "label": label, "prediction": cert.prediction, "radius": cert.radius,
             "pA_lower": cert.pA_lower, "samples": cert.samples, "path": cert.path, "zeta": cert.zeta}

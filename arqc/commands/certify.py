@@ -12,7 +12,7 @@ from arqc import api
 from arqc.base import ArqcError, write_json
 from arqc.certify_l2 import path_lines
 from arqc.certify_linf import certify_ibp, format_linf_report, quantized_model
-from arqc.commands.options import bits_options, model_options, parse_epsilon, parse_shape
+from arqc.commands.options import bits_options, model_options, parse_epsilon, parse_shape, ray_options
 from arqc.data import check_compatible, load_images
 from arqc.runtime.backends import OPT_LEVELS
 from arqc.runtime.run import format_table
@@ -66,9 +66,10 @@ def state_path_for(json_path: str | None, state: str | None) -> Path | None:
               help="--method ibp --complete: seconds per input.")
 @bits_options("--method ibp on a checkpoint: ")
 @click.option("--calib-data", help="--method ibp on a checkpoint: calibration images (training split).")
+@ray_options
 def certify(model, data, method, sigma, n, n0, alpha, num_images, skip, batch, seed, backend, ort_opt, threads,
             json_path, state, irs_cache, save_irs_cache, arch, trust_pickle, input_shape, epsilon, complete, timeout,
-            bits, w_bits, a_bits, policy_path, calib_data):
+            bits, w_bits, a_bits, policy_path, calib_data, ray_address, ray_workers, chunk):
     """Certify the smoothed MODEL (Cohen et al.'s CERTIFY) on --data at noise level --sigma, or (--method ibp)
     the quantized MODEL itself with interval bounds at L∞ radius --epsilon.
 
@@ -77,8 +78,8 @@ def certify(model, data, method, sigma, n, n0, alpha, num_images, skip, batch, s
     --json (or --state) continues where it stopped.
     """
     if method == "ibp":
-        if sigma is not None or irs_cache or save_irs_cache:
-            raise ArqcError("--sigma and IRS caches belong to --method rs; --method ibp takes --epsilon")
+        if sigma is not None or irs_cache or save_irs_cache or ray_address:
+            raise ArqcError("--sigma, IRS caches and --ray belong to --method rs; --method ibp takes --epsilon")
         if epsilon is None:
             raise ArqcError("--method ibp needs --epsilon (the L∞ radius, e.g. 2/255)")
         eps = parse_epsilon(epsilon)
@@ -103,7 +104,7 @@ def certify(model, data, method, sigma, n, n0, alpha, num_images, skip, batch, s
                          skip=skip, batch=batch, backend=backend, arch=arch, trust_pickle=trust_pickle,
                          input_shape=parse_shape(input_shape), ort_opt=ort_opt, threads=threads,
                          state_path=state_path, irs_cache=irs_cache, save_irs_cache=save_irs_cache, progress=True,
-                         log=click.echo)
+                         log=click.echo, ray=ray_address, ray_workers=ray_workers, chunk=chunk)
     result.model, result.data, result.skip = model, data, skip
     click.echo(format_table(result))
     if irs_cache:

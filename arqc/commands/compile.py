@@ -17,6 +17,7 @@ from arqc.commands.options import (
     model_options,
     parse_epsilon,
     parse_shape,
+    ray_options,
 )
 from arqc.passes.quantize import SCALES
 from arqc.passes.search.budget import parse_budget
@@ -81,12 +82,13 @@ def search_options(f):
               help="Calibrate activation ranges on images with N(0, s^2) noise [default: --sigma, else 0].")
 @certify_settings_options
 @search_options
+@ray_options
 def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bits, policy_path, data,
              calib_images, scales, int4_weights, report_path, epsilon, calib_sigma, sigma, runtime, compare_runtime,
              verify, test_data,
              num_images, n, n0, alpha, max_disagreement, seed, budget, method, episodes, warmup, demo, search_images,
              cache_n, search_n, lam, finetune_epochs, finetune_data, episode_finetune_epochs, lr, device, workdir,
-             resume, html_path):
+             resume, html_path, ray_address, ray_workers, chunk):
     """Quantize MODEL and lower it to a QDQ ONNX model: at a fixed precision (--bits, --w-bits/--a-bits,
     --policy), or at the precision an ARQ search finds under a BitOps --budget.
 
@@ -116,7 +118,8 @@ def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bit
                          test_images=test_data, epsilon=parse_epsilon(epsilon) if epsilon else None,
                          calib_images=calib_images, calib_sigma=calib_sigma, scales=scales,
                          int4_weights=int4_weights, finetune_images=finetune_data, workdir=workdir, resume=resume,
-                         command=shlex.join(["arqc", *sys.argv[1:]]), progress=True, log=click.echo)
+                         command=shlex.join(["arqc", *sys.argv[1:]]), progress=True, log=click.echo,
+                         ray=ray_address, ray_workers=ray_workers, chunk=chunk)
     if search is not None:
         click.echo(format_compile_report(result.report))
     result.save(output)

@@ -58,6 +58,19 @@ def bits_options(what: str = ""):
     ])
 
 
+def ray_options(f):
+    """--ray, --ray-workers, --chunk: run the randomized-smoothing work on a Ray cluster (extra arqc[ray])."""
+    return _apply(f, [
+        click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+                     help="Run the certification work on a Ray cluster (extra arqc[ray]): auto (the cluster this "
+                     "machine joined with `ray start`; the default of a bare --ray), local (start Ray here) or "
+                     "HOST:PORT. Same results as a local run."),
+        click.option("--ray-workers", type=int, help="Ray worker actors, one CPU each [default: the cluster's CPUs]."),
+        click.option("--chunk", type=int, help="Images per Ray task [default: about 20,000 forward passes, and "
+                     "at least 4 tasks per worker]."),
+    ])
+
+
 COMPILE_CERTIFY = CertifySettings(sigma=1.0)  # the defaults of compile's certification options
 
 
