@@ -208,6 +208,12 @@ class Run:
                                alpha=s.alpha, batch_size=s.batch_size, seed=s.seed + TEST_SEED_OFFSET,
                                state_path=state_path, progress=self.progress, pool=self.pool)
 
+    def fp32_certificate(self) -> CertifyResult:
+        """The FP32 model's certificate on the test images (kept in ``fp32_dir``, which runs may share)."""
+        self.fp32_dir.mkdir(parents=True, exist_ok=True)
+        backend = TorchBackend(self.prep.gm, batch_size=self.s.batch_size, device=self.device)
+        return self.certify(backend, self.fp32_dir / "certify_fp32.jsonl")
+
     def policy(self) -> tuple[Policy, list[dict]]:
         """The search stage: the chosen policy and the episode log (from policy.json once it is done)."""
         policy_path = self.dir / "policy.json"
@@ -240,10 +246,7 @@ class Run:
         reference = TorchBackend(sim, batch_size=s.batch_size, device=self.device) if check.verify else None
         backend, comparisons = deployed_backend(data, check.runtime, reference, check.compare_runtime, s.batch_size)
         quantized = self._timed("certify onnx", lambda: self.certify(backend, self.dir / "certify_quantized.jsonl"))
-        self.fp32_dir.mkdir(parents=True, exist_ok=True)
-        fp32 = self._timed("certify fp32", lambda: self.certify(
-            TorchBackend(self.prep.gm, batch_size=s.batch_size, device=self.device),
-            self.fp32_dir / "certify_fp32.jsonl"))
+        fp32 = self._timed("certify fp32", self.fp32_certificate)
         apply_policy(self.prep.gm, policy)
         report = build_report(s, policy, profile(self.prep.gm), quantized, fp32, episodes, self.timings)
         report["certification"]["runtime"] = backend.runtime

@@ -29,6 +29,11 @@ class PreparedModel:
     gm: torch.fx.GraphModule  # canonical, analyzed graph (float)
     input_shape: tuple[int, ...]
 
+    def __reduce__(self):
+        """Pickled (for a Ray worker) as the loaded model and its input shape: unpickling captures and analyzes
+        it again, since a pickled GraphModule keeps its code but not its nodes' meta."""
+        return _prepared, (self.loaded, self.input_shape)
+
     def settings(self, **fields) -> CompileSettings:
         """The metadata settings of a model compiled from this one (``fields``: how it was compiled, and any
         field to record otherwise, e.g. ``source``)."""
@@ -42,6 +47,10 @@ class PreparedModel:
 def model_identity(gm: torch.nn.Module) -> str:
     """The fingerprint of a captured full-precision graph (what IRS caches and compiled models record)."""
     return TorchBackend(gm, device="cpu").fingerprint()
+
+
+def _prepared(loaded: LoadedModel, shape: tuple[int, ...]) -> PreparedModel:
+    return PreparedModel(loaded, analyze(capture(loaded.model, torch.zeros(1, *shape))), tuple(shape))
 
 
 def prepare_model(model: str | nn.Module | torch.export.ExportedProgram | None, arch: str | None = None,
@@ -60,8 +69,7 @@ def prepare_model(model: str | nn.Module | torch.export.ExportedProgram | None, 
         raise ArqcError("the model's input shape is unknown; pass --input-shape C,H,W (e.g. 3,32,32)")
     if images is not None:
         check_compatible(images, shape, loaded.num_classes)
-    gm = analyze(capture(loaded.model, torch.zeros(1, *shape)))
-    return PreparedModel(loaded, gm, tuple(shape))
+    return _prepared(loaded, shape)
 
 
 def resolve_policy(gm: torch.fx.GraphModule, bits: int | None = None, w_bits: int | None = None,

@@ -171,6 +171,18 @@ MUTATIONS = [
              ("tests/test_plugins.py",)),
     Mutation("uneven adaptive pools as even ones", "passes/ops/pooling.py",
              "        if h % oh == 0 and w % ow == 0:\n", "        if True:\n", ("tests/test_float_ops.py",)),
+    # scale-out on Ray (DESIGN §6)
+    Mutation("Ray chunks yielded as they finish, not in order", "runtime/cluster.py",
+             "                while following in done:\n                    yield done.pop(following)\n",
+             "                while done:\n                    yield done.pop(next(iter(done)))\n",
+             ("tests/test_ray.py",)),
+    Mutation("Ray workers' comparison counts dropped", "runtime/cluster.py",
+             "                        c.samples += samples\n", "                        c.samples += 0\n",
+             ("tests/test_ray.py",)),
+    Mutation("Ray worker keeps the first model it built", "runtime/cluster.py",
+             "        backend = self.backends.get(key)\n",
+             "        backend = next(iter(self.backends.values()), None)\n",
+             ("tests/test_ray.py",)),
 ]
 
 

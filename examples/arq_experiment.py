@@ -29,6 +29,7 @@ from arqc.base import ArqcError, atomic_write, write_json
 from arqc.data import load_images
 from arqc.passes.policy import policy_to_json
 from arqc.pipeline import prepare_model
+from arqc.runtime.cluster import RayPool, pool_for
 from arqc.settings import SearchSettings
 
 RADII = ("0.00", "0.25", "0.50", "0.75", "1.00")  # keys of arqc.runtime.run results
@@ -67,6 +68,10 @@ def experiment() -> None:
                    help="fine-tune every search candidate (HAQ) on the --train images outside the search split")
     p.add_argument("--calib-images", type=int, default=256, help="training images that calibrate the ranges")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="run the rows side by side on a Ray cluster (extra arqc[ray]): auto (the default of a bare "
+                   "--ray), local or HOST:PORT; the FP32 stages' points run there too")
+    p.add_argument("--ray-workers", type=int, help="rows running at once [default: the cluster's CPUs]")
     p.add_argument("--table-only", action="store_true",
                    help="rebuild --out from the reports already in --workdir; run nothing")
     args = p.parse_args()
@@ -86,36 +91,90 @@ def experiment() -> None:
                           n0=args.n0, n=args.n, alpha=args.alpha, finetune_epochs=args.finetune_epochs,
                           test_images=args.test_images, seed=args.seed, calib_images=args.calib_images,
                           episode_finetune_epochs=args.episode_finetune_epochs)
+    with pool_for(args.ray, args.ray_workers) as pool:
+        run_rows(args, (prep, train, test, finetune), base, pool)
+
+
+def run_rows(args: argparse.Namespace, inputs: tuple, base: SearchSettings, pool: RayPool | None) -> None:
+    """Every row: the FP32 stages the rows share first (their points on ``pool`` if given), then every row's
+    search, then QAT and certificates once per distinct (budget, policy); with ``pool`` the searches, and then
+    the QAT runs, are spread over the Ray workers, each row on one worker. Writes each row's report.json and
+    the table as rows finish, in the table's order."""
+    prep, train, test, finetune = inputs
+    plan = [(budget, method, replace(base, method=method, budget=float(budget.rstrip("%")) / 100))
+            for budget in args.budgets.split(",") for method in args.methods.split(",")]
+    fp32_dir = Path(args.workdir) / "fp32"
+
+    def stages(budget: str, method: str, settings: SearchSettings, driver_pool: RayPool | None = None) -> Run:
+        return Run(prep, train, test, settings, row_dir(args, budget, method), resume=True, fp32_dir=fp32_dir,
+                   finetune=finetune, pool=driver_pool)
+
+    finished = {(b, m): json.loads(path.read_text()) for b, m, _ in plan
+                if (path := row_dir(args, b, m) / "report.json").is_file()}
+    todo = [row for row in plan if row[:2] not in finished]
+    # the FP32 stages that the rows to run share: here, before those rows run side by side
+    if any(method == "arq" for _, method, _ in todo):
+        stages(*next(row for row in todo if row[1] == "arq"), pool).fp32_cache()
+    if todo:
+        stages(*todo[0], pool).fp32_certificate()
+    shared = inputs if pool is None else tuple(pool.put(value) for value in inputs)
+    if pool is not None:
+        print(f"{len(todo)} rows to run, side by side on {pool.workers} Ray workers", flush=True)
+    jobs = [(row_policy, *shared, settings, str(row_dir(args, b, m)), str(fp32_dir)) for b, m, settings in todo]
+    searched = dict(zip([row[:2] for row in todo], _each(pool, jobs), strict=True))
+
+    def key(budget: str, method: str) -> tuple[str, str]:
+        policy = finished[budget, method]["policy"] if (budget, method) in finished else \
+            policy_to_json(searched[budget, method][0])
+        return budget, json.dumps(policy, sort_keys=True)
+
+    first: dict[tuple[str, str], tuple[str, str]] = {}  # (budget, policy) -> the row that fine-tunes and certifies it
+    for budget, method, _ in plan:
+        if (budget, method) in finished and "shared_with" in finished[budget, method]:
+            continue
+        first.setdefault(key(budget, method), (budget, method))
+    owners = [row for row in todo if first[key(*row[:2])] == row[:2]]
+    compile_settings = prep.settings(purpose="experiment")
+    jobs = [(row_report, *shared, settings, str(row_dir(args, b, m)), str(fp32_dir), compile_settings)
+            for b, m, settings in owners]
+    reports = dict(finished) | dict(zip([row[:2] for row in owners], _each(pool, jobs), strict=True))
     rows, fp32 = [], None
-    done: dict[tuple[str, str], tuple[str, dict]] = {}  # (budget, policy) -> the row that fine-tuned and certified it
-    for budget_text in args.budgets.split(","):
-        budget = float(budget_text.rstrip("%")) / 100
-        for method in args.methods.split(","):
-            settings = replace(base, method=method, budget=budget)
-            workdir = row_dir(args, budget_text, method)
-            run = Run(prep, train, test, settings, workdir, resume=True, fp32_dir=Path(args.workdir) / "fp32",
-                      finetune=finetune)
-            policy, episodes = run.policy()
-            key = (budget_text, json.dumps(policy_to_json(policy), sort_keys=True))
-            saved = workdir / "report.json"
-            finished = saved.is_file()
-            if finished:  # the row finished in an earlier process (Run checked that its arguments match)
-                report = json.loads(saved.read_text())
-            elif key in done:  # the same QAT (seed, data) and certificate (seeds, images) as that row: reuse them
-                first, shared = done[key]
-                report = shared | {"method": method, "episodes": episodes, "shared_with": first,
-                                   "timings_s": {"search": run.timings.get("search", 0.0)},
-                                   "search_samples": search_samples(episodes)}
-            else:
-                _, report, _ = run.run(prep.settings(purpose="experiment"))
-            if "shared_with" not in report:
-                done.setdefault(key, (method, report))
-            if not finished:
-                write_json(saved, report)
-            fp32 = fp32 or report["fp32"]
-            rows.append((budget_text, method, report))
-            print(f"{budget_text} {method}: ACR {report['acr']:.3f} (FP32 {report['fp32']['acr']:.3f})", flush=True)
-            write_table(args, rows, fp32)  # after every row, so a long experiment shows what it has
+    for budget, method, _ in plan:
+        report = reports.get((budget, method))
+        if report is None:  # the same QAT (seed, data) and certificate (seeds, images) as that row: reuse them
+            owner = first[key(budget, method)]
+            policy, episodes, search_s = searched[budget, method]
+            report = reports[owner] | {"method": method, "episodes": episodes, "shared_with": owner[1],
+                                       "timings_s": {"search": search_s}, "search_samples": search_samples(episodes)}
+        if (budget, method) not in finished:
+            write_json(row_dir(args, budget, method) / "report.json", report)
+        fp32 = fp32 or report["fp32"]
+        rows.append((budget, method, report))
+        print(f"{budget} {method}: ACR {report['acr']:.3f} (FP32 {report['fp32']['acr']:.3f})", flush=True)
+        write_table(args, rows, fp32)
+
+
+def _each(pool: RayPool | None, jobs: list[tuple]):
+    """``function(*args)`` of every job (function, *args), in order: here one after another, or side by side
+    on the pool's workers."""
+    if pool is None:
+        return (function(*args) for function, *args in jobs)
+    return pool.map(None, jobs)
+
+
+def row_policy(prep, train, test, finetune, settings: SearchSettings, workdir: str, fp32_dir: str):
+    """One row's search (resumed from its work directory): the policy, the episodes and the search's seconds."""
+    run = Run(prep, train, test, settings, Path(workdir), resume=True, progress=False, fp32_dir=Path(fp32_dir),
+              finetune=finetune)
+    policy, episodes = run.policy()
+    return policy, episodes, run.timings.get("search", 0.0)
+
+
+def row_report(prep, train, test, finetune, settings: SearchSettings, workdir: str, fp32_dir: str, compile_settings):
+    """One row's QAT, lowering and certificates (after its search): the report."""
+    run = Run(prep, train, test, settings, Path(workdir), resume=True, progress=False, fp32_dir=Path(fp32_dir),
+              finetune=finetune)
+    return run.run(compile_settings)[1]
 
 
 def row_dir(args: argparse.Namespace, budget_text: str, method: str) -> Path:

@@ -91,7 +91,7 @@ class Worker:
         return out, time.perf_counter() - start, [(c.samples, c.disagreements) for c in chain]
 
     def call(self, fn: Callable, *args) -> Any:
-        """A plain function call on the worker (work that needs no backend)."""
+        """A plain function call on the worker (work that needs no backend, e.g. a whole experiment row)."""
         return fn(*args)
 
 
@@ -100,8 +100,9 @@ class PoolStats:
     """What :meth:`RayPool.map` measured: chunks, the workers' compute seconds and the driver's wall seconds."""
 
     chunks: int = 0
-    compute_s: float = 0.0
-    wall_s: float = 0.0
+    compute_s: float = 0.0  # inside the workers' tasks
+    wall_s: float = 0.0  # from the first submission to the last result, on the driver
+    waiting_s: float = 0.0  # of wall_s, the driver blocked waiting for results (the rest it was busy)
     task_s: list[float] = field(default_factory=list)  # per chunk: submit to result, seen by the driver
 
 
@@ -111,7 +112,7 @@ class RayPool:
     def __init__(self, ray, workers: int | None, chunk: int | None, cpus_per_worker: int = 1,
                  packages: Sequence[str] = PACKAGES):
         self.ray, self.chunk, self.cpus = ray, chunk, cpus_per_worker
-        cpus = int(ray.available_resources().get("CPU", 0))  # free now: workers beyond them would never start
+        cpus = _free_cpus(ray, workers * cpus_per_worker if workers is not None else None)
         count = workers if workers is not None else cpus // cpus_per_worker
         if count < 1 or count * cpus_per_worker > cpus:
             raise ArqcError(f"the Ray cluster has {cpus} free CPUs; {max(count, 1)} workers of {cpus_per_worker} "
@@ -149,12 +150,13 @@ class RayPool:
                                         math.ceil(len(items) / (CHUNKS_PER_WORKER * self.workers))))
         return [items[i : i + size] for i in range(0, len(items), size)]
 
-    def map(self, backend: Backend | None, tasks: Sequence[Callable], on_result: Callable | None = None
-            ) -> Iterator[Any]:
-        """Yield ``task(worker's copy of backend)`` for every task, in order, as they finish (with ``backend``
-        None: ``task()``). Every worker keeps two chunks in flight; a chunk whose worker died runs again (Ray
-        restarts the worker and retries its chunks up to RETRIES times). The
-        comparisons of ``backend`` (ComparingBackend counts) add up the workers' counts."""
+    def map(self, backend: Backend | None, tasks: Sequence, on_result: Callable | None = None) -> Iterator[Any]:
+        """Yield ``task(worker's copy of backend)`` for every task, in order, as they finish. With ``backend``
+        None every task is a tuple (function, *args) and yields ``function(*args)``; arguments that are
+        :meth:`put` references arrive as their values. Every worker keeps two chunks in flight; a chunk whose
+        worker died runs again (Ray restarts the worker and retries its chunks up to RETRIES times). The
+        comparisons of ``backend`` (ComparingBackend counts) add up the workers' counts; ``on_result(i, value)``
+        is called as each task finishes, in any order."""
         ray = self.ray
         if backend is not None:
             recipe = backend.recipe()
@@ -170,7 +172,7 @@ class RayPool:
         def submit(actor) -> None:
             i = todo.pop()
             ref = (actor.run.remote(recipe.key, box, tasks[i]) if backend is not None
-                   else actor.call.remote(tasks[i]))
+                   else actor.call.remote(*tasks[i]))
             inflight[ref] = (i, actor, time.perf_counter())
 
         for _ in range(2):
@@ -184,7 +186,9 @@ class RayPool:
                     following += 1
                 if following >= len(tasks):
                     break
+                waited = time.perf_counter()
                 ready, _ = ray.wait(list(inflight), num_returns=1)
+                self.stats.waiting_s += time.perf_counter() - waited
                 i, actor, submitted = inflight.pop(ready[0])
                 try:
                     value = ray.get(ready[0])
@@ -209,6 +213,11 @@ class RayPool:
         finally:
             self.stats.wall_s += time.perf_counter() - start
 
+    def put(self, value: Any) -> Any:
+        """``value`` in the cluster's object store: a reference that :meth:`map` tasks take as an argument, so
+        that the value travels once per node rather than once per task."""
+        return self.ray.put(value)
+
     def pids(self) -> list[int]:
         """The worker processes' ids (tests kill one)."""
         return self.ray.get([a.pid.remote() for a in self.actors])
@@ -217,6 +226,18 @@ class RayPool:
         for actor in self.actors:
             self.ray.kill(actor)
         self.actors = []
+
+
+def _free_cpus(ray, wanted: int | None, wait_s: float = 10.0) -> int:
+    """The cluster's free CPUs, once ``wanted`` of them (default: all) are free or after ``wait_s`` seconds (the
+    CPUs of workers just closed come back after a moment); workers beyond the free CPUs would never start."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        free = int(ray.available_resources().get("CPU", 0))
+        want = wanted if wanted is not None else int(ray.cluster_resources().get("CPU", 0))
+        if free >= want or time.monotonic() > deadline:
+            return free
+        time.sleep(0.1)
 
 
 def _task_error(err) -> ArqcError:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,3 +216,26 @@ def test_comparisons_add_up_over_workers(cluster, w8a8):
     assert remote["disagreement"] == local["disagreement"]
     assert torch.equal(torch.tensor([p["radius"] for p in remote["certificate"].points]),
                        torch.tensor([p["radius"] for p in local["certificate"].points]))
+
+
+def test_experiment_rows_run_side_by_side_on_the_cluster(cluster, search_inputs, tmp_path):
+    """examples/arq_experiment.py --ray: the rows run on the two workers at once; the table's numbers are a
+    local run's (the rows' torch work runs on one thread either way)."""
+    root = search_inputs
+    script = Path(__file__).resolve().parents[1] / "examples" / "arq_experiment.py"
+
+    def experiment(name, *extra):
+        args = [sys.executable, str(script), "--model", str(root / "m.pt"), "--train", f"npz:{root / 'train.npz'}",
+                "--test", f"npz:{root / 'test.npz'}", "--out", str(tmp_path / f"{name}.md"), "--workdir",
+                str(tmp_path / name), "--budgets", "5%", "--methods", "uniform,greedy,arq", "--episodes", "2",
+                "--warmup", "1", "--search-images", "6", "--cache-n", "40", "--search-n", "20", "--test-images",
+                "4", "--n", "40", "--n0", "10", "--finetune-epochs", "1", "--calib-images", "16", *extra]
+        done = subprocess.run(args, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert ("3 rows to run, side by side on 2 Ray workers" in done.stdout) == bool(extra)
+        table = (tmp_path / f"{name}.md").read_text()
+        return [line.rsplit(" | ", 1)[0] for line in table.splitlines() if line.startswith("| ")]  # no seconds
+
+    local = experiment("local")
+    remote = experiment("ray", "--ray", cluster.address)
+    assert [line for line in remote if "5%" in line] and remote == local
