@@ -150,13 +150,12 @@ class RayPool:
                                         math.ceil(len(items) / (CHUNKS_PER_WORKER * self.workers))))
         return [items[i : i + size] for i in range(0, len(items), size)]
 
-    def map(self, backend: Backend | None, tasks: Sequence, on_result: Callable | None = None) -> Iterator[Any]:
+    def map(self, backend: Backend | None, tasks: Sequence) -> Iterator[Any]:
         """Yield ``task(worker's copy of backend)`` for every task, in order, as they finish. With ``backend``
         None every task is a tuple (function, *args) and yields ``function(*args)``; arguments that are
         :meth:`put` references arrive as their values. Every worker keeps two chunks in flight; a chunk whose
         worker died runs again (Ray restarts the worker and retries its chunks up to RETRIES times). The
-        comparisons of ``backend`` (ComparingBackend counts) add up the workers' counts; ``on_result(i, value)``
-        is called as each task finishes, in any order."""
+        comparisons of ``backend`` (ComparingBackend counts) add up the workers' counts."""
         ray = self.ray
         if backend is not None:
             recipe = backend.recipe()
@@ -206,8 +205,6 @@ class RayPool:
                         c.disagreements += disagreements
                 self.stats.chunks += 1
                 done[i] = value
-                if on_result is not None:
-                    on_result(i, value)
                 if todo:
                     submit(actor)
         finally:
