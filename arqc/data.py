@@ -84,6 +84,13 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     return kind, os.path.expanduser(rest), split
 
 
+def rebase_spec(spec: str, folder: str | Path) -> str:
+    """``spec`` with a relative path read relative to ``folder``: the same data, named from anywhere."""
+    kind, path, split = parse_spec(spec)
+    path = os.path.abspath(os.path.join(folder, path))
+    return f"{kind}:{path}" + (f":{split}" if split else "")
+
+
 def load_images(spec: str) -> ImageSet:
     """Load the whole data set named by `spec` into memory."""
     kind, path, split = parse_spec(spec)

@@ -35,6 +35,9 @@ class LoadedModel:
     num_classes: int | None
     source: str
     card: dict = field(default_factory=dict)  # training card of arqc checkpoints
+    # arqc checkpoints: where the training ("train") and held-out test ("test") images are, as data specs whose
+    # relative paths are relative to the checkpoint's folder (arqc.data.rebase_spec reads them from elsewhere)
+    data_specs: dict[str, str] = field(default_factory=dict)
 
 
 def load_model(path: str | None, arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
@@ -80,7 +83,7 @@ def load_model(path: str | None, arch: str | None = None, trust_pickle: bool = F
             raise ArqcError(f"{path} is an arqc checkpoint of '{obj['arch']}', not '{arch}'; drop --arch")
         model = _with_state_dict(arch, obj["state_dict"], path)
         return LoadedModel(model, arch, tuple(obj["input_shape"]), obj["num_classes"], str(path),
-                           obj.get("card", {}))
+                           obj.get("card", {}), dict(obj.get("data_specs") or {}))
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ArqcError(f"{path} holds neither a state_dict nor a checkpoint with one; save "
@@ -146,8 +149,36 @@ def _with_state_dict(arch: str, state: dict, path) -> nn.Module:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, arch: str, input_shape, num_classes: int,
-                    card: dict | None = None) -> None:
-    """arqc's own checkpoint: a plain dict that ``torch.load(weights_only=True)`` reads back."""
+                    card: dict | None = None, data_specs: dict[str, str] | None = None) -> None:
+    """arqc's own checkpoint: a plain dict that ``torch.load(weights_only=True)`` reads back. ``data_specs``:
+    where its training and held-out test images are ({"train": SPEC, "test": SPEC}; a relative path in a spec
+    is read relative to the checkpoint's folder, so that a shipped model can name shipped data)."""
     obj = {"format": CHECKPOINT_FORMAT, "version": 1, "arch": arch, "input_shape": list(input_shape),
            "num_classes": int(num_classes), "state_dict": model.state_dict(), "card": card or {}}
+    if data_specs:
+        obj["data_specs"] = dict(data_specs)
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def record_data_specs(path: str | Path, specs: dict[str, str]) -> None:
+    """Record in the arqc checkpoint ``path`` where its training and test images are (weights untouched)."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise ArqcError(f"{path} is not an arqc checkpoint; only those record data specs")
+    obj["data_specs"] = dict(specs)
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def recorded_data_specs(path: str) -> dict[str, str]:
+    """The data specs an arqc checkpoint records ({} for any other file, or one without them), as recorded: a
+    relative path is relative to the checkpoint's folder."""
+    p = Path(path)
+    if p.suffix in (".pt2", ".onnx") or not p.is_file():
+        return {}
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001  not a checkpoint this reads safely: loading the model says why
+        return {}
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        return {}
+    return dict(obj.get("data_specs") or {})

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from arqc import archs
 from arqc.augment import AUGMENTS, augment, resolve_augment
 from arqc.base import ArqcError, __version__, atomic_write, first_difference
-from arqc.data import ImageSet, check_compatible, load_images
+from arqc.data import ImageSet, check_compatible, load_images, rebase_spec
 from arqc.loading import load_model, save_checkpoint
 from arqc.runtime.devices import resolve_device
 
@@ -57,6 +57,7 @@ class TrainConfig:
     val: str | None = None
     seed: int = 0
     command: str = ""
+    test_data: str | None = None  # held-out test images: excluded from training, recorded in the checkpoint
 
 
 def resume_path(output: str | Path) -> Path:
@@ -155,7 +156,7 @@ def prepare_training(cfg: TrainConfig) -> TrainingRun:
     val = load_images(cfg.val) if cfg.val else None
     if val is not None:
         check_compatible(val, input_shape, num_classes)
-    images, excluded = exclude_images(images, cfg.exclude)
+    images, excluded = exclude_images(images, cfg.exclude + ([cfg.test_data] if cfg.test_data else []))
     torch.manual_seed(cfg.seed)  # fresh weights depend on the seed only
     if cfg.init:
         model = _init_model(cfg.init, cfg.arch)
@@ -259,7 +260,9 @@ def train(prep: TrainingRun, resume: bool = False, device: str | None = None, pr
         atomic_write(rpath, lambda f, state=state: torch.save(state, f))
     card = _card(prep, history, seconds, dev, kind)
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
-    save_checkpoint(cfg.output, model, cfg.arch, prep.input_shape, prep.num_classes, card)
+    specs = {"train": cfg.data} | ({"test": cfg.test_data} if cfg.test_data else {})
+    save_checkpoint(cfg.output, model, cfg.arch, prep.input_shape, prep.num_classes, card,
+                    {role: rebase_spec(spec, Path.cwd()) for role, spec in specs.items()})
     rpath.unlink(missing_ok=True)
     return card
 

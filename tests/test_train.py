@@ -151,6 +151,18 @@ def test_exclude_drops_matching_images(tmp_path, capsys):
     assert card["excluded"][0]["removed_from_training"] == 20 and card["excluded"][0]["images"] == 20
 
 
+def test_test_data_is_kept_out_of_training_and_recorded(tmp_path, capsys, monkeypatch):
+    _npz(tmp_path / "d.npz", 100, (28, 28))
+    with np.load(tmp_path / "d.npz") as z:
+        np.savez(tmp_path / "held.npz", x=z["x"][:25], y=z["y"][:25])
+    monkeypatch.chdir(tmp_path)  # relative specs are recorded as absolute paths: the checkpoint is read anywhere
+    code, _, err = _run(_args("npz:d.npz", tmp_path / "m.pt", "--test-data", "npz:held.npz"), capsys)
+    assert code == 0, err
+    loaded = load_model(str(tmp_path / "m.pt"))
+    assert loaded.card["train_images"] == 75 and loaded.card["excluded"][0]["removed_from_training"] == 25
+    assert loaded.data_specs == {"train": f"npz:{tmp_path / 'd.npz'}", "test": f"npz:{tmp_path / 'held.npz'}"}
+
+
 def test_init_from_an_akamaster_style_checkpoint(tmp_path, capsys):
     """A `module.`-prefixed state_dict in {'state_dict': ..., 'best_prec1': ...}, as akamaster ships them."""
     torch.manual_seed(1)  # not the run's --seed (0): a run that ignored --init would start elsewhere

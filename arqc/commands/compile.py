@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 import click
 
@@ -19,12 +20,36 @@ from arqc.commands.options import (
     parse_shape,
     ray_options,
 )
+from arqc.data import rebase_spec
+from arqc.loading import recorded_data_specs
 from arqc.passes.quantize import SCALES
 from arqc.passes.search.budget import parse_budget
 from arqc.reports import format_compile_report, render_html
 from arqc.settings import METHODS, SearchSettings
 
 SEARCH = SearchSettings()  # the defaults of the search options
+
+
+def recorded_data(model: str, data: str | None, test_data: str | None, *, search: bool,
+                  certify: bool) -> tuple[str | None, str | None]:
+    """--data and --test-data, taken where they are not given from what an arqc checkpoint records (saying so);
+    a search without training images, or --sigma without test images, names the options to add when MODEL
+    records none."""
+    wanted = {"train": data is None, "test": certify and test_data is None}
+    recorded = {role: rebase_spec(spec, Path(model).parent)
+                for role, spec in (recorded_data_specs(model) if any(wanted.values()) else {}).items()}
+    missing = [role for role, needed in (("train", search), ("test", certify))
+               if needed and wanted[role] and role not in recorded]
+    if missing:
+        options = {"train": "--data TRAIN_SPEC (calibration and search images)",
+                   "test": "--test-data TEST_SPEC (held-out images to certify on)"}
+        raise ArqcError(f"{model} records no {' or '.join(missing)} images; add "
+                        + " and ".join(options[role] for role in missing)
+                        + " (checkpoints from `arqc train --test-data` record both)")
+    taken = {role: recorded[role] for role, want in wanted.items() if want and role in recorded}
+    for role, spec in taken.items():
+        click.echo(f"{'training' if role == 'train' else 'test'} images: {spec} (recorded in {model})")
+    return taken.get("train", data), taken.get("test", test_data)
 
 
 def search_options(f):
@@ -70,7 +95,8 @@ def search_options(f):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The ONNX file to write.")
 @model_options
 @bits_options()
-@click.option("--data", help="Calibration images (clean training split), e.g. cifar10:DIR:train.")
+@click.option("--data", help="Calibration images (clean training split), e.g. cifar10:DIR:train [default: the "
+              "training images an arqc checkpoint records].")
 @click.option("--calib-images", default=512, show_default=True, help="Images used for activation ranges.")
 @click.option("--scales", type=click.Choice(SCALES), default="float", show_default=True,
               help="float: DESIGN's max scaling; po2: power-of-two scales, bit-exact across backends.")
@@ -90,7 +116,9 @@ def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bit
              cache_n, search_n, lam, finetune_epochs, finetune_data, episode_finetune_epochs, lr, device, workdir,
              resume, html_path, ray_address, ray_workers, chunk):
     """Quantize MODEL and lower it to a QDQ ONNX model: at a fixed precision (--bits, --w-bits/--a-bits,
-    --policy), or at the precision an ARQ search finds under a BitOps --budget.
+    --policy), or at the precision an ARQ search finds under a BitOps --budget (with --sigma and no precision
+    given: at the default budget, 1.5625 %). An arqc checkpoint's recorded training and test images are the
+    default --data and --test-data, so `arqc compile model.pt -o model.onnx --sigma 0.25` runs the whole search.
 
     With --sigma, the ONNX model is certified in --runtime (onnxruntime at ENABLE_ALL, or OpenVINO's CPU
     plugin) on --test-data and the certificate goes into the report and the model; with --verify, per-sample
@@ -99,6 +127,12 @@ def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bit
     --max-disagreement of the samples. Activation ranges are calibrated on --data images with noise at
     --calib-sigma, which defaults to --sigma: the inputs a smoothed classifier's base model sees.
     """
+    precision = bits is not None or w_bits is not None or a_bits is not None or policy_path is not None
+    if sigma is not None and budget is None and not precision:  # the headline: arqc compile MODEL -o OUT --sigma S
+        budget = f"{100 * SEARCH.budget:g}%"
+        click.echo(f"no precision given: searching (ARQ) for the most certified policy within {budget} of FP32 BitOps "
+                   "(--budget B to change it, --bits B for a fixed precision)")
+    data, test_data = recorded_data(model, data, test_data, search=budget is not None, certify=sigma is not None)
     check = certify_settings(sigma, verify, test_data, epsilon, num_images=num_images, n=n, n0=n0, alpha=alpha,
                              max_disagreement=max_disagreement, seed=seed, runtime=runtime,
                              compare_runtime=compare_runtime)

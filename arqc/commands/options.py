@@ -88,7 +88,8 @@ def certify_settings_options(f):
                      "check against --max-disagreement) how often the two disagree."),
         click.option("--verify", is_flag=True, help="Also compare the ONNX model with the torch simulation "
                      "on the same noisy samples; refuse (write nothing) above --max-disagreement."),
-        click.option("--test-data", help="Held-out test images for --sigma (never the calibration images)."),
+        click.option("--test-data", help="Held-out test images for --sigma (never the calibration images) "
+                     "[default: the test images an arqc checkpoint records]."),
         click.option("--num-images", type=int, help=f"Test images to certify [default: {d.num_images}]."),
         click.option("--n", "n", type=int, help=f"Estimation samples per image [default: {d.n}]."),
         click.option("--n0", type=int, help=f"Selection samples per image [default: {DEFAULT_N0}]."),

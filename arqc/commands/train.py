@@ -47,6 +47,8 @@ from arqc.train import SCHEDULES, TrainConfig, prepare_training, resume_path, tr
 @click.option("--exclude", multiple=True,
               help="Drop every training image whose pixels equal one in this data spec (repeatable).")
 @click.option("--val", help="Data spec to report clean and noisy base accuracy on after each epoch.")
+@click.option("--test-data", help="Held-out test images: excluded from training (as --exclude) and recorded in the "
+              "checkpoint with --data, so that `arqc compile MODEL -o OUT --sigma S` finds both.")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seeds the init, order, crops and noise.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUTPUT.resume.")
@@ -54,8 +56,8 @@ from arqc.train import SCHEDULES, TrainConfig, prepare_training, resume_path, tr
 @click.option("--threads", type=int, help="CPU threads for torch (default: torch's choice).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_cmd(arch, data, method, sigma, epsilon, bits, w_bits, a_bits, policy_path, kappa_end, epochs, output,
-              init, lr, schedule, batch_size, momentum, weight_decay, augment, exclude, val, seed, resume, device,
-              threads, no_progress):
+              init, lr, schedule, batch_size, momentum, weight_decay, augment, exclude, val, test_data, seed, resume,
+              device, threads, no_progress):
     """Train ARCH on DATA with Gaussian noise of std SIGMA (checkpoint every epoch, resumable), or with
     QA-IBP at a fixed precision (--method qa-ibp)."""
     if threads is not None:
@@ -63,8 +65,8 @@ def train_cmd(arch, data, method, sigma, epsilon, bits, w_bits, a_bits, policy_p
             raise ArqcError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     if method == "qa-ibp":
-        if sigma is not None or resume or exclude or val:
-            raise ArqcError("--sigma, --resume, --exclude and --val belong to --method gaussian")
+        if sigma is not None or resume or exclude or val or test_data:
+            raise ArqcError("--sigma, --resume, --exclude, --val and --test-data belong to --method gaussian")
         return _train_qaibp(arch=arch, data=data, epsilon=epsilon, bits=bits, w_bits=w_bits, a_bits=a_bits,
                             policy_path=policy_path, kappa_end=kappa_end, epochs=epochs, output=output, init=init,
                             lr=lr, batch_size=batch_size, seed=seed, device=device)
@@ -74,7 +76,7 @@ def train_cmd(arch, data, method, sigma, epsilon, bits, w_bits, a_bits, policy_p
         raise ArqcError("--epsilon and --bits/--policy belong to --method qa-ibp")
     cfg = TrainConfig(arch=arch, data=data, sigma=sigma, epochs=epochs, output=output, init=init, lr=lr,
                       schedule=schedule, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay,
-                      augment=augment, exclude=list(exclude), val=val, seed=seed,
+                      augment=augment, exclude=list(exclude), val=val, seed=seed, test_data=test_data,
                       command=shlex.join(["arqc", *sys.argv[1:]]))
     prep = prepare_training(cfg)
     for e in prep.excluded:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import statistics
 from pathlib import Path
 
 from arqc.base import atomic_write
+from arqc.data import rebase_spec
 from arqc.loading import load_model
 
 MODELS = Path("examples/models")
@@ -37,6 +39,17 @@ def table_row(name: str, r: dict) -> str:
     cells += [f"{r['acr']:.3f}", f"{100 * r['abstain_rate']:.1f}%",
               f"{statistics.median(seconds) if seconds else r['time_per_point_s']:.1f} s"]
     return "| " + " | ".join(cells) + " |"
+
+
+DATA_LINE = ("- **Data it names** (for `arqc compile MODEL -o OUT --sigma S`): training (calibration, search, QAT) "
+             "`{train}`, test `{test}` (recorded relative to `examples/models/` by step 3b of "
+             "`examples/make_models.sh`).")
+
+
+def _relative(spec: str) -> str:
+    """A recorded data spec with its path shown relative to the repository root (or ../shared)."""
+    kind, _, rest = spec.partition(":")
+    return f"{kind}:{os.path.relpath(rest, Path.cwd())}"
 
 
 def card(pt: Path, result: dict | None, data_dir: Path) -> str:
@@ -67,6 +80,8 @@ def card(pt: Path, result: dict | None, data_dir: Path) -> str:
                      "(Yerlan Idelbayev), BSD-2-Clause; notice below.")
     else:
         lines.append(f"- **Initial weights**: none (fresh initialization, torch seed {c['seed']}).")
+    if lm.data_specs:
+        lines.append(DATA_LINE.format(**{k: _relative(rebase_spec(v, pt.parent)) for k, v in lm.data_specs.items()}))
     lines += [
         f"- **Optimization**: {c['epochs']} epochs, {c['optimizer']}, peak lr {c['lr']} ({c['schedule']} "
         f"schedule, per step), batch {c['batch_size']}, augmentation `{c['augment']}`, seed {c['seed']}, "
