@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
@@ -103,7 +103,6 @@ class PoolStats:
     compute_s: float = 0.0  # inside the workers' tasks
     wall_s: float = 0.0  # from the first submission to the last result, on the driver
     waiting_s: float = 0.0  # of wall_s, the driver blocked waiting for results (the rest it was busy)
-    task_s: list[float] = field(default_factory=list)  # per chunk: submit to result, seen by the driver
 
 
 class RayPool:
@@ -111,7 +110,7 @@ class RayPool:
 
     def __init__(self, ray, workers: int | None, chunk: int | None, cpus_per_worker: int = 1,
                  packages: Sequence[str] = PACKAGES):
-        self.ray, self.chunk, self.cpus = ray, chunk, cpus_per_worker
+        self.ray, self.chunk = ray, chunk
         cpus = _free_cpus(ray, workers * cpus_per_worker if workers is not None else None)
         count = workers if workers is not None else cpus // cpus_per_worker
         if count < 1 or count * cpus_per_worker > cpus:
@@ -121,7 +120,11 @@ class RayPool:
         self.actors = [actor.remote(cpus_per_worker) for _ in range(count)]
         self.stats = PoolStats()
         self._refs: dict[str, Any] = {}
-        self._check_workers(packages)
+        try:
+            self._check_workers(packages)
+        except ArqcError:
+            self.close()  # a cluster this process did not start keeps running: free its CPUs
+            raise
 
     def _check_workers(self, packages: Sequence[str]) -> None:
         """Refuse (one line) workers that cannot start arqc or have other package versions than this process."""
@@ -164,7 +167,7 @@ class RayPool:
             box = [self._refs[recipe.key]]
         chain = comparisons(backend) if backend is not None else []
         todo = list(range(len(tasks)))[::-1]
-        inflight: dict[Any, tuple[int, Any, float]] = {}  # ref -> (task, actor, submitted)
+        inflight: dict[Any, tuple[int, Any]] = {}  # ref -> (task, actor)
         done: dict[int, Any] = {}
         start, following = time.perf_counter(), 0
 
@@ -172,7 +175,7 @@ class RayPool:
             i = todo.pop()
             ref = (actor.run.remote(recipe.key, box, tasks[i]) if backend is not None
                    else actor.call.remote(*tasks[i]))
-            inflight[ref] = (i, actor, time.perf_counter())
+            inflight[ref] = (i, actor)
 
         for _ in range(2):
             for actor in self.actors:
@@ -188,7 +191,7 @@ class RayPool:
                 waited = time.perf_counter()
                 ready, _ = ray.wait(list(inflight), num_returns=1)
                 self.stats.waiting_s += time.perf_counter() - waited
-                i, actor, submitted = inflight.pop(ready[0])
+                i, actor = inflight.pop(ready[0])
                 try:
                     value = ray.get(ready[0])
                 except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as err:
@@ -196,7 +199,6 @@ class RayPool:
                                     f"({type(err).__name__}); check the workers' memory and logs") from None
                 except ray.exceptions.RayTaskError as err:
                     raise _task_error(err) from None
-                self.stats.task_s.append(time.perf_counter() - submitted)
                 if backend is not None:
                     value, seconds, counts = value
                     self.stats.compute_s += seconds
@@ -229,11 +231,11 @@ def _free_cpus(ray, wanted: int | None, wait_s: float = 10.0) -> int:
     """The cluster's free CPUs, once ``wanted`` of them (default: all) are free or after ``wait_s`` seconds (the
     CPUs of workers just closed come back after a moment); workers beyond the free CPUs would never start."""
     deadline = time.monotonic() + wait_s
+    total = int(ray.cluster_resources().get("CPU", 0))
     while True:
         free = int(ray.available_resources().get("CPU", 0))
-        want = wanted if wanted is not None else int(ray.cluster_resources().get("CPU", 0))
-        if free >= want or time.monotonic() > deadline:
-            return free
+        if free >= min(total, wanted if wanted is not None else total) or time.monotonic() > deadline:
+            return free  # (more than the cluster has is refused at once)
         time.sleep(0.1)
 
 

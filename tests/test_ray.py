@@ -71,8 +71,8 @@ def _untimed(value):
     return value
 
 
-def _certify_cli(capsys, model, json_path, *extra):
-    code, out, err = run_cli(["certify", model, "--data", TEST, "--sigma", "0.25", "--n", "400", "--n0", "40",
+def _certify_cli(capsys, model, json_path, *extra, n: int = 400):
+    code, out, err = run_cli(["certify", model, "--data", TEST, "--sigma", "0.25", "--n", str(n), "--n0", "40",
                               "--num-images", "12", "--json", str(json_path), *extra], capsys)
     assert code == 0, err
     return json.loads(json_path.read_text())
@@ -129,21 +129,22 @@ def test_a_killed_worker_chunk_runs_again_with_the_same_result(cluster, w8a8, tm
 
 
 def test_a_killed_driver_resumes_locally_and_a_local_run_resumes_on_the_cluster(cluster, w8a8, tmp_path, capsys):
-    reference = _certify_cli(capsys, w8a8, tmp_path / "reference.json")
+    slow = 4000  # points of a few tenths of a second: the driver is caught mid-run
+    reference = _certify_cli(capsys, w8a8, tmp_path / "reference.json", n=slow)
     state = tmp_path / "run.json.state"
     command = [sys.executable, "-c", "from arqc.cli import main; main()", "certify", w8a8, "--data", TEST,
-               "--sigma", "0.25", "--n", "400", "--n0", "40", "--num-images", "12", "--json",
+               "--sigma", "0.25", "--n", str(slow), "--n0", "40", "--num-images", "12", "--json",
                str(tmp_path / "run.json"), "--ray", cluster.address, "--chunk", "1"]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while (not state.is_file() or len(state.read_text().splitlines()) < 4) and time.monotonic() < deadline:
         assert driver.poll() is None, "the driver ended before it could be killed"
-        time.sleep(0.02)
+        time.sleep(0.01)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     done = len(state.read_text().splitlines()) - 1
     assert 3 <= done < 12
-    resumed = _certify_cli(capsys, w8a8, tmp_path / "run.json")  # the same command, here
+    resumed = _certify_cli(capsys, w8a8, tmp_path / "run.json", n=slow)  # the same command, here
     assert _untimed(resumed) == _untimed(reference)
 
     named = tmp_path / "named.state"  # a local run of 5 images, extended to 12 on the cluster
@@ -151,7 +152,7 @@ def test_a_killed_driver_resumes_locally_and_a_local_run_resumes_on_the_cluster(
                             "--num-images", "5", "--state", str(named)], capsys)
     assert code == 0, err
     extended = _certify_cli(capsys, w8a8, tmp_path / "twelve.json", "--state", str(named), "--ray", cluster.address)
-    assert _untimed(extended) == _untimed(reference)
+    assert _untimed(extended) == _untimed(_certify_cli(capsys, w8a8, tmp_path / "local12.json"))
 
 
 def test_the_search_on_the_cluster_gives_the_local_report(cluster, search_inputs, tmp_path):
