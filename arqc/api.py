@@ -25,11 +25,11 @@ from torch import nn
 from arqc.base import ArqcError, Log, quiet
 from arqc.certify_l2 import certify_images, resolve_args
 from arqc.compiler import CompileResult, check_calibration, compile_fixed, compile_searched
-from arqc.data import ImageSet, as_images
+from arqc.data import ImageSet, as_images, check_compatible, load_images, rebase_spec
 from arqc.passes.analysis import Profile
 from arqc.passes.analysis import profile as profile_of
 from arqc.passes.policy import Policy, apply_policy
-from arqc.pipeline import prepare_model, resolve_policy
+from arqc.pipeline import PreparedModel, prepare_model, resolve_policy
 from arqc.reports import report_from_onnx
 from arqc.runtime.cluster import RayPool, pool_for
 from arqc.runtime.run import CertifyResult
@@ -78,6 +78,7 @@ def compile(model: Model, images: Images | None = None, *, arch: str | None = No
     train = as_images(images) if images is not None else None
     test = as_images(test_images) if test_images is not None else None
     prep = prepare_model(model, arch, trust_pickle, input_shape, train)
+    train, test = recorded_images(prep, train, test, search=budget is not None, certify=certify is not None, log=log)
     if budget is None:
         if search is not None or resume or workdir is not None:
             raise ArqcError("--resume, --workdir and --html belong to a search: add --budget")
@@ -93,8 +94,6 @@ def compile(model: Model, images: Images | None = None, *, arch: str | None = No
     if certify is None or test is None:
         raise ArqcError("--budget needs --sigma S and --test-data SPEC (the search certifies at σ; the result "
                         "is certified afresh on held-out test images)")
-    if train is None:
-        raise ArqcError("--budget needs --data SPEC: training images for calibration, search and QAT")
     if workdir is None:
         raise ArqcError("a search keeps its stages in a work directory: give workdir")
     search = replace(search or SearchSettings(), budget=budget)
@@ -104,6 +103,32 @@ def compile(model: Model, images: Images | None = None, *, arch: str | None = No
                                 finetune=as_images(finetune_images) if finetune_images is not None else None,
                                 epsilon=epsilon, workdir=workdir, resume=resume, progress=progress, log=log,
                                 pool=pool)
+
+
+def recorded_images(prep: PreparedModel, train: ImageSet | None, test: ImageSet | None, *, search: bool,
+                    certify: bool, log: Log = quiet) -> tuple[ImageSet | None, ImageSet | None]:
+    """The training and test images, taken where they are not given (test images only to ``certify``) from the
+    data specs an arqc checkpoint records, saying so; a search without training images, or ``certify`` without
+    test images, is refused in one line naming the options to add when the model records none."""
+    wanted = {"train": train is None, "test": certify and test is None}
+    source = prep.loaded.source
+    recorded = {role: rebase_spec(spec, Path(source).parent) for role, spec in prep.loaded.data_specs.items()}
+    missing = [role for role, needed in (("train", search), ("test", certify))
+               if needed and wanted[role] and role not in recorded]
+    if missing:
+        options = {"train": "--data TRAIN_SPEC (calibration and search images)",
+                   "test": "--test-data TEST_SPEC (held-out images to certify on)"}
+        raise ArqcError(f"{source} records no {' or '.join(missing)} images; add "
+                        + " and ".join(options[role] for role in missing)
+                        + " (checkpoints from `arqc train --test-data` record both)")
+    taken = {}
+    for role, want in wanted.items():
+        if want and role in recorded:
+            log(f"{'training' if role == 'train' else 'test'} images: {recorded[role]} (recorded in {source})")
+            taken[role] = load_images(recorded[role])
+    if "train" in taken:
+        check_compatible(taken["train"], prep.input_shape, prep.loaded.num_classes)
+    return taken.get("train", train), taken.get("test", test)
 
 
 def certify(model: Model, images: Images, *, sigma: float, n: int | None = None, n0: int | None = None,

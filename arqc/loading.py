@@ -167,18 +167,3 @@ def record_data_specs(path: str | Path, specs: dict[str, str]) -> None:
         raise ArqcError(f"{path} is not an arqc checkpoint; only those record data specs")
     obj["data_specs"] = dict(specs)
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def recorded_data_specs(path: str) -> dict[str, str]:
-    """The data specs an arqc checkpoint records ({} for any other file, or one without them), as recorded: a
-    relative path is relative to the checkpoint's folder."""
-    p = Path(path)
-    if p.suffix in (".pt2", ".onnx") or not p.is_file():
-        return {}
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001  not a checkpoint this reads safely: loading the model says why
-        return {}
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        return {}
-    return dict(obj.get("data_specs") or {})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
 
 import click
 
@@ -20,36 +19,12 @@ from arqc.commands.options import (
     parse_shape,
     ray_options,
 )
-from arqc.data import rebase_spec
-from arqc.loading import recorded_data_specs
 from arqc.passes.quantize import SCALES
 from arqc.passes.search.budget import parse_budget
 from arqc.reports import format_compile_report, render_html
 from arqc.settings import METHODS, SearchSettings
 
 SEARCH = SearchSettings()  # the defaults of the search options
-
-
-def recorded_data(model: str, data: str | None, test_data: str | None, *, search: bool,
-                  certify: bool) -> tuple[str | None, str | None]:
-    """--data and --test-data, taken where they are not given from what an arqc checkpoint records (saying so);
-    a search without training images, or --sigma without test images, names the options to add when MODEL
-    records none."""
-    wanted = {"train": data is None, "test": certify and test_data is None}
-    recorded = {role: rebase_spec(spec, Path(model).parent)
-                for role, spec in (recorded_data_specs(model) if any(wanted.values()) else {}).items()}
-    missing = [role for role, needed in (("train", search), ("test", certify))
-               if needed and wanted[role] and role not in recorded]
-    if missing:
-        options = {"train": "--data TRAIN_SPEC (calibration and search images)",
-                   "test": "--test-data TEST_SPEC (held-out images to certify on)"}
-        raise ArqcError(f"{model} records no {' or '.join(missing)} images; add "
-                        + " and ".join(options[role] for role in missing)
-                        + " (checkpoints from `arqc train --test-data` record both)")
-    taken = {role: recorded[role] for role, want in wanted.items() if want and role in recorded}
-    for role, spec in taken.items():
-        click.echo(f"{'training' if role == 'train' else 'test'} images: {spec} (recorded in {model})")
-    return taken.get("train", data), taken.get("test", test_data)
 
 
 def search_options(f):
@@ -132,7 +107,6 @@ def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bit
         budget = f"{100 * SEARCH.budget:g}%"
         click.echo(f"no precision given: searching (ARQ) for the most certified policy within {budget} of FP32 BitOps "
                    "(--budget B to change it, --bits B for a fixed precision)")
-    data, test_data = recorded_data(model, data, test_data, search=budget is not None, certify=sigma is not None)
     check = certify_settings(sigma, verify, test_data, epsilon, num_images=num_images, n=n, n0=n0, alpha=alpha,
                              max_disagreement=max_disagreement, seed=seed, runtime=runtime,
                              compare_runtime=compare_runtime)

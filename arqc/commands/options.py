@@ -104,13 +104,12 @@ def certify_settings_options(f):
 def certify_settings(sigma: float | None, verify: bool, test_data: str | None, epsilon: str | None = None,
                      **given) -> CertifySettings | None:
     """Checked settings of ``compile --sigma`` (None without --sigma); ``given``: the other options above
-    (None when unset). ``--test-data`` alone is allowed with ``--epsilon`` (the L∞ certificate's images)."""
+    (None when unset). ``--test-data`` alone is allowed with ``--epsilon`` (the L∞ certificate's images); with
+    --sigma it may be left out for the test images an arqc checkpoint records (arqc.api.recorded_images)."""
     if sigma is None:
         named = (("verify", verify or None), ("test_data", None if epsilon else test_data), *given.items())
         extra = [name for name, value in named if value is not None]
         if extra:
             raise ArqcError(f"--{extra[0].replace('_', '-')} needs --sigma (the noise level to certify at)")
         return None
-    if test_data is None:
-        raise ArqcError("--sigma needs --test-data SPEC: held-out test images to certify the ONNX model on")
     return CertifySettings(sigma=sigma, verify=verify, **{k: v for k, v in given.items() if v is not None})
