@@ -227,6 +227,17 @@ class RayPool:
         self.actors = []
 
 
+def run_in_chunks(backend: Backend, pool: RayPool | None, indices: list[int],
+                  task: Callable[[list[int]], Callable[[Backend], list]], samples_per_item: int) -> Iterator:
+    """The items of ``task(chunk)(backend)`` over ``indices``, in order: one index at a time here (``pool``
+    None), or in the pool's chunks (:meth:`RayPool.chunks`) on its workers. ``task(chunk)`` must pickle (a
+    functools.partial of a module-level function): what a local run and a distributed run both call."""
+    if pool is None:
+        return (item for i in indices for item in task([i])(backend))
+    tasks = [task(chunk) for chunk in pool.chunks(indices, samples_per_item)]
+    return (item for done in pool.map(backend, tasks) for item in done)
+
+
 def _free_cpus(ray, wanted: int | None, wait_s: float = 10.0) -> int:
     """The cluster's free CPUs, once ``wanted`` of them (default: all) are free or after ``wait_s`` seconds (the
     CPUs of workers just closed come back after a moment); workers beyond the free CPUs would never start."""

@@ -30,7 +30,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.stats import norm
@@ -38,6 +37,7 @@ from tqdm import tqdm
 
 from arqc.base import ArqcError
 from arqc.runtime.backends import Backend
+from arqc.runtime.cluster import RayPool, run_in_chunks
 from arqc.runtime.irs_cache import CachePoint, IrsCache, image_digest, load_cache
 from arqc.runtime.noise import Phase, point_seed
 from arqc.runtime.smoothing import (
@@ -48,9 +48,6 @@ from arqc.runtime.smoothing import (
     sample_predictions,
     upper_confidence_bound,
 )
-
-if TYPE_CHECKING:
-    from arqc.runtime.cluster import RayPool
 
 __all__ = ["DEFAULT_GAMMA", "CachePoint", "IncrementalCertificate", "IrsCache", "build_cache",
            "certify_incremental", "load_cache"]
@@ -103,13 +100,11 @@ def cache_points(backend: Backend, images: np.ndarray, labels, ids: list[int], *
     if not len(images) == len(labels) == len(ids):
         raise ArqcError(f"images ({len(images)}), labels ({len(labels)}) and ids ({len(ids)}) differ in "
                         "length; pass one label and one id per image")
-    if pool is None:
-        stream = (p for i in range(len(ids)) for p in _cache_chunk(backend, images[i : i + 1], labels[i : i + 1],
-                                                                     ids[i : i + 1], **settings))
-    else:
-        tasks = [partial(_cache_chunk, images=images[c], labels=[labels[i] for i in c], ids=[ids[i] for i in c],
-                         **settings) for c in pool.chunks(list(range(len(ids))), settings["n0"] + settings["n"])]
-        stream = (p for chunk in pool.map(backend, tasks) for p in chunk)
+    def task(chunk: list[int]):
+        return partial(_cache_chunk, images=images[chunk], labels=[labels[i] for i in chunk],
+                       ids=[ids[i] for i in chunk], **settings)
+
+    stream = run_in_chunks(backend, pool, list(range(len(ids))), task, settings["n0"] + settings["n"])
     yield from tqdm(stream, total=len(ids), disable=not progress, desc="IRS cache")
 
 

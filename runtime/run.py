@@ -13,11 +13,10 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,14 +25,12 @@ from tqdm import tqdm
 from arqc.base import ArqcError, Log, first_difference, quiet
 from arqc.passes.meta import SEMANTICS, check_semantics
 from arqc.runtime.backends import Backend, ComparingBackend, TorchBackend, runtime_backend
+from arqc.runtime.cluster import RayPool, run_in_chunks
 from arqc.runtime.irs import DEFAULT_GAMMA, certify_incremental
 from arqc.runtime.irs_cache import CachePoint, IrsCache
 from arqc.runtime.metrics import DEFAULT_RADII, summarize
 from arqc.runtime.noise import NOISE_SCHEME, point_seed
 from arqc.runtime.smoothing import certify, check_arguments, upper_confidence_bound
-
-if TYPE_CHECKING:
-    from arqc.runtime.cluster import RayPool
 
 STATE_FORMAT = "arqc-certify-state"
 STATE_VERSION = 1
@@ -90,15 +87,13 @@ def certify_dataset(
     settings = dict(sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size, seed=seed, gamma=gamma,
                     alpha_zeta=alpha_zeta)
     todo = list(range(len(points), len(ids)))
-    if pool is None:
-        stream: Iterator[dict] = (p for i in todo for p in _certify_chunk(
-            backend, images[i : i + 1], labels[i : i + 1], ids[i : i + 1],
-            None if irs_cache is None else [irs_cache.point(ids[i])], **settings))
-    else:
-        tasks = [partial(_certify_chunk, images=images[c], labels=[labels[i] for i in c], ids=[ids[i] for i in c],
-                         cache_points=None if irs_cache is None else [irs_cache.point(ids[i]) for i in c], **settings)
-                 for c in pool.chunks(todo, n if irs_cache is not None else n0 + n)]
-        stream = (p for chunk in pool.map(backend, tasks) for p in chunk)
+
+    def task(chunk: list[int]):
+        return partial(_certify_chunk, images=images[chunk], labels=[labels[i] for i in chunk],
+                       ids=[ids[i] for i in chunk], **settings,
+                       cache_points=None if irs_cache is None else [irs_cache.point(ids[i]) for i in chunk])
+
+    stream = run_in_chunks(backend, pool, todo, task, n if irs_cache is not None else n0 + n)
     state = open(state_path, "a", encoding="utf-8") if state_path is not None else None
     try:
         for point in tqdm(stream, total=len(ids), initial=len(points), disable=not progress, desc="certify"):
