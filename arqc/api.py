@@ -33,7 +33,7 @@ from arqc.pipeline import PreparedModel, prepare_model, resolve_policy
 from arqc.reports import report_from_onnx
 from arqc.runtime.cluster import RayPool, pool_for
 from arqc.runtime.run import CertifyResult
-from arqc.settings import CertifySettings, SearchSettings
+from arqc.settings import DEFAULT_CALIBRATION, CertifySettings, SearchSettings, check_quant_choices
 
 Model = str | nn.Module | torch.export.ExportedProgram
 Images = str | ImageSet | tuple | torch.utils.data.Dataset
@@ -55,7 +55,8 @@ def compile(model: Model, images: Images | None = None, *, arch: str | None = No
             budget: float | None = None, search: SearchSettings | None = None,
             certify: CertifySettings | None = None, test_images: Images | None = None,
             epsilon: float | None = None, calib_images: int = 512, calib_sigma: float | None = None,
-            scales: str = "float", int4_weights: bool = False, finetune_images: Images | None = None,
+            scales: str = "float", calibration: str = DEFAULT_CALIBRATION, int4_weights: bool = False,
+            finetune_images: Images | None = None,
             workdir: str | Path | None = None,
             resume: bool = False, command: str | None = None, progress: bool = False,
             log: Log = quiet, ray: str | RayPool | None = None, ray_workers: int | None = None,
@@ -65,16 +66,18 @@ def compile(model: Model, images: Images | None = None, *, arch: str | None = No
     At a fixed precision (``bits``, ``w_bits``/``a_bits`` or ``policy``), or, with ``budget`` (a share of FP32
     BitOps, e.g. 0.015625), at the precision an ARQ search finds (``search``: the search's options; it needs
     ``certify`` and ``test_images`` and keeps its stages in ``workdir``). ``images`` are clean training images
-    for calibration (and for the search); activation ranges are calibrated with noise ``calib_sigma``, by
-    default ``certify.sigma``. With ``certify``, the ONNX model is certified in ``certify.runtime``
-    (onnxruntime or openvino) on ``test_images`` (and, with ``certify.verify``, compared with the torch
-    simulation, with ``certify.compare_runtime`` with a second runtime) before it is returned;
+    for calibration (and for the search); clipping ranges are chosen by ``calibration`` (minmax,
+    percentile or mse) on them with noise ``calib_sigma``, by default ``certify.sigma``. With ``certify``,
+    the ONNX model is certified in ``certify.runtime`` (onnxruntime or openvino) on ``test_images`` (and, with
+    ``certify.verify``, compared with the torch simulation, with ``certify.compare_runtime`` with a second
+    runtime) before it is returned;
     with ``epsilon``, it is also certified with sound interval bounds at that L∞ radius on ``test_images``. The
     certificates go into the report and into the model's metadata. With ``ray`` (an address: "auto", "local",
     HOST:PORT, or an open :class:`~arqc.runtime.cluster.RayPool`) the randomized-smoothing work runs on a Ray
     cluster (``ray_workers`` actors, ``chunk`` points per task): the same result as a local run."""
     calib_sigma = (certify.sigma if certify is not None else 0.0) if calib_sigma is None else calib_sigma
     check_calibration(calib_images, calib_sigma)
+    check_quant_choices(scales, calibration)
     train = as_images(images) if images is not None else None
     test = as_images(test_images) if test_images is not None else None
     prep = prepare_model(model, arch, trust_pickle, input_shape, train)
@@ -87,7 +90,8 @@ def compile(model: Model, images: Images | None = None, *, arch: str | None = No
         chosen = resolve_policy(prep.gm, bits, w_bits, a_bits, policy, default=32)
         with pool_for(ray if certify is not None else None, ray_workers, chunk) as pool:
             return compile_fixed(prep, chosen, train, calib_images=calib_images, calib_sigma=calib_sigma,
-                                 scales=scales, int4_weights=int4_weights, check=certify, test_images=test,
+                                 scales=scales, clipping=calibration, int4_weights=int4_weights, check=certify,
+                                 test_images=test,
                                  epsilon=epsilon, command=command, progress=progress, log=log, pool=pool)
     if bits is not None or w_bits is not None or a_bits is not None or policy is not None:
         raise ArqcError("--budget searches the precision: drop --bits/--w-bits/--a-bits/--policy")
@@ -99,7 +103,7 @@ def compile(model: Model, images: Images | None = None, *, arch: str | None = No
     search = replace(search or SearchSettings(), budget=budget)
     with pool_for(ray, ray_workers, chunk) as pool:
         return compile_searched(prep, train, test, search, certify, calib_images=calib_images,
-                                calib_sigma=calib_sigma, scales=scales,
+                                calib_sigma=calib_sigma, scales=scales, clipping=calibration,
                                 finetune=as_images(finetune_images) if finetune_images is not None else None,
                                 epsilon=epsilon, workdir=workdir, resume=resume, progress=progress, log=log,
                                 pool=pool)

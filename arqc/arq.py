@@ -33,7 +33,7 @@ from arqc.passes.analysis import profile
 from arqc.passes.lower import attach
 from arqc.passes.meta import FP32, SEMANTICS, check_semantics
 from arqc.passes.policy import Policy, apply_policy, policy_to_json
-from arqc.passes.quantize import observed_ranges, one_layer_quantized
+from arqc.passes.quantize import Observed, observed_ranges, one_layer_quantized
 from arqc.passes.search.agent import DDPGConfig
 from arqc.passes.search.baselines import greedy_policy, sensitivity, uniform_policy
 from arqc.passes.search.budget import check_budget, layer_specs
@@ -116,10 +116,12 @@ class Run:
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
         return out
 
-    def make_sim(self, policy: Policy, ranges: dict[str, tuple[float, float]] | None = None) -> torch.fx.GraphModule:
-        """The calibrated simulation of ``policy`` (with ``ranges``: those activation ranges, no calibration run)."""
+    def make_sim(self, policy: Policy, ranges: dict[str, Observed] | None = None) -> torch.fx.GraphModule:
+        """The calibrated simulation of ``policy`` (with ``ranges``: what calibration observed, no calibration
+        run)."""
         calib_sigma = self.s.sigma if self.s.calib_sigma is None else self.s.calib_sigma
-        return quantize(self.prep, policy, self.calib, self.s.calib_images, self.s.scales, calib_sigma, ranges)
+        return quantize(self.prep, policy, self.calib, self.s.calib_images, self.s.scales, calib_sigma, ranges,
+                        self.s.calibration)
 
     @cached_property
     def episode_tune(self) -> ImageSet:
@@ -240,7 +242,8 @@ class Run:
         ft = self.finetune_set
         self._timed("qat", lambda: finetune(sim, ft.x, ft.y, sigma=s.sigma, epochs=s.finetune_epochs, lr=s.lr,
                                             seed=s.seed, state_path=self.dir / "qat.pt", progress=self.progress,
-                                            augmentation=s.finetune_augment, device=self.device))
+                                            augmentation=s.finetune_augment, device=self.device,
+                                            learned_scales=s.qat_scales == "lsq"))
         model = to_onnx(sim, replace(settings, search=asdict(s)))
         data = model.SerializeToString()
         reference = TorchBackend(sim, batch_size=s.batch_size, device=self.device) if check.verify else None

@@ -23,7 +23,7 @@ from arqc.passes.meta import SEMANTICS
 from arqc.passes.policy import Policy, policy_to_json
 from arqc.pipeline import PreparedModel, quantize, to_onnx
 from arqc.runtime.backends import TorchBackend
-from arqc.settings import CertifySettings, SearchSettings
+from arqc.settings import DEFAULT_CALIBRATION, CertifySettings, SearchSettings
 
 if TYPE_CHECKING:
     from arqc.runtime.cluster import RayPool
@@ -58,12 +58,13 @@ def file_size(model: onnx.ModelProto, prof: Profile, int4_weights: bool) -> dict
 
 
 def compile_fixed(prep: PreparedModel, policy: Policy, calibration: ImageSet | None, *, calib_images: int = 512,
-                  calib_sigma: float = 0.0, scales: str = "float", int4_weights: bool = False,
+                  calib_sigma: float = 0.0, scales: str = "float", clipping: str = DEFAULT_CALIBRATION,
+                  int4_weights: bool = False,
                   check: CertifySettings | None = None, test_images: ImageSet | None = None,
                   epsilon: float | None = None, command: str | None = None, progress: bool = True,
                   log: Log = quiet, pool: RayPool | None = None) -> CompileResult:
-    """Quantize at ``policy`` (activation ranges from ``calib_images`` calibration images with noise
-    ``calib_sigma``), lower, and on ``test_images`` certify the ONNX model: in onnxruntime with randomized
+    """Quantize at ``policy`` (clipping ranges by ``clipping`` from ``calib_images`` calibration images with
+    noise ``calib_sigma``), lower, and on ``test_images`` certify the ONNX model: in onnxruntime with randomized
     smoothing (L2) with ``check``, with interval bounds at L∞ radius ``epsilon`` when given. The certificates go
     into the report and the model's metadata. With ``pool`` the L2 certificate runs on a Ray cluster."""
     if check is not None or epsilon is not None:
@@ -74,10 +75,11 @@ def compile_fixed(prep: PreparedModel, policy: Policy, calibration: ImageSet | N
         check_compatible(test_images, prep.input_shape, prep.loaded.num_classes)
         if calibration is not None and test_images.spec == calibration.spec:
             log("note: --test-data is the calibration data; report certificates on held-out images", err=True)
-    settings = prep.settings(scales=scales, calibration_data=calibration.spec if calibration is not None else None,
+    settings = prep.settings(scales=scales, calibration=clipping,
+                             calibration_data=calibration.spec if calibration is not None else None,
                              calibration_images=min(calib_images, len(calibration)) if calibration is not None else 0,
                              sigma=check.sigma if check is not None else None, command=command)
-    sim = quantize(prep, policy, calibration, calib_images, scales, calib_sigma)
+    sim = quantize(prep, policy, calibration, calib_images, scales, calib_sigma, clipping=clipping)
     model = to_onnx(sim, settings, int4_weights)
     prof = profile(sim)
     log(format_profile(prof))
@@ -115,14 +117,16 @@ def linf_certificate(sim: torch.fx.GraphModule, model: bytes, images: ImageSet, 
 
 def compile_searched(prep: PreparedModel, train: ImageSet, test: ImageSet, search: SearchSettings,
                      check: CertifySettings, *, calib_images: int = 256, calib_sigma: float | None = None,
-                     scales: str = "float", finetune: ImageSet | None = None, epsilon: float | None = None,
+                     scales: str = "float", clipping: str = DEFAULT_CALIBRATION, finetune: ImageSet | None = None,
+                     epsilon: float | None = None,
                      workdir: str | Path, resume: bool = False, progress: bool = True, log: Log = quiet,
                      pool: RayPool | None = None) -> CompileResult:
     """``arqc compile --budget``: the whole ARQ pipeline (search → QAT → lower → fresh certificate of the ONNX
     model in onnxruntime on ``test``, and at L∞ radius ``epsilon`` when given). The search runs on ``train``
     (calibration images first, then the search images); its stages live in ``workdir`` so that ``resume``
     continues an interrupted run. ``search`` gives the search's own options; its certification and calibration
-    fields are taken from ``check``, ``calib_images``, ``calib_sigma`` and ``scales``. With ``pool`` the FP32
+    fields are taken from ``check``, ``calib_images``, ``calib_sigma``, ``scales`` and ``clipping`` (the
+    calibration method). With ``pool`` the FP32
     IRS cache, the candidates' rewards and the final certificates run on a Ray cluster (the same result)."""
     check_compatible(test, prep.input_shape, prep.loaded.num_classes)
     if finetune is not None:
@@ -132,9 +136,10 @@ def compile_searched(prep: PreparedModel, train: ImageSet, test: ImageSet, searc
         check_compatible(finetune, prep.input_shape, prep.loaded.num_classes)
     settings = replace(search, sigma=check.sigma, n0=check.n0, n=check.n, alpha=check.alpha,
                        test_images=check.num_images, seed=check.seed, scales=scales, calib_images=calib_images,
-                       calib_sigma=calib_sigma)
+                       calib_sigma=calib_sigma, calibration=clipping)
     run = Run(prep, train, test, settings, Path(workdir), resume, progress=progress, finetune=finetune, pool=pool)
-    meta = prep.settings(scales=scales, calibration_data=train.spec, calibration_images=calib_images,
+    meta = prep.settings(scales=scales, calibration=clipping, calibration_data=train.spec,
+                         calibration_images=calib_images,
                          sigma=check.sigma, finetune_data=(finetune or train).spec)
     model, report, sim = run.run(meta, check)
     if epsilon is not None:

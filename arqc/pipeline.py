@@ -16,7 +16,7 @@ from arqc.passes.analysis import analyze
 from arqc.passes.capture import capture
 from arqc.passes.lower import lower
 from arqc.passes.policy import Policy, apply_policy, check_bits, load_policy, uniform
-from arqc.passes.quantize import simulate
+from arqc.passes.quantize import Observed, simulate
 from arqc.runtime.backends import TorchBackend
 from arqc.settings import CompileSettings
 
@@ -106,11 +106,11 @@ def needs_calibration(policy: Policy) -> bool:
 
 
 def quantize(prep: PreparedModel, policy: Policy, calibration: ImageSet | None, num_calibration: int = 512,
-             scales: str = "float", calib_sigma: float = 0.0,
-             ranges: dict[str, tuple[float, float]] | None = None) -> torch.fx.GraphModule:
-    """The fake-quantized simulation of the prepared graph under ``policy``, its activation ranges calibrated
-    on ``num_calibration`` training images (with noise N(0, calib_sigma²) when calib_sigma > 0), or taken from
-    ``ranges`` (passes/quantize.py: observed_ranges) when given."""
+             scales: str = "float", calib_sigma: float = 0.0, ranges: dict[str, Observed] | None = None,
+             clipping: str = "minmax") -> torch.fx.GraphModule:
+    """The fake-quantized simulation of the prepared graph under ``policy``, its clipping ranges chosen by
+    ``clipping`` (passes/quantize.py: CALIBRATIONS) from ``num_calibration`` training images (with noise
+    N(0, calib_sigma²) when calib_sigma > 0), or from ``ranges`` (passes/quantize.py: observed_ranges)."""
     apply_policy(prep.gm, policy)
     if ranges is not None:
         batches = []
@@ -121,9 +121,9 @@ def quantize(prep: PreparedModel, policy: Policy, calibration: ImageSet | None, 
         batches = [torch.zeros(1, *prep.input_shape)]  # weights-only: nothing to calibrate
     else:
         batches = calibration_batches(calibration, num_calibration, calib_sigma)
-    method = "minmax" + (f", noise sigma={calib_sigma:g}" if calib_sigma > 0 else "") + \
+    method = clipping + (f", noise sigma={calib_sigma:g}" if calib_sigma > 0 else "") + \
         (", po2 scales" if scales == "po2" else "")
-    return simulate(prep.gm, batches, scales=scales, method=method, ranges=ranges)
+    return simulate(prep.gm, batches, scales=scales, method=method, ranges=ranges, clipping=clipping)
 
 
 def to_onnx(sim: torch.fx.GraphModule, settings: CompileSettings | None = None,

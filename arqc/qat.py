@@ -1,7 +1,10 @@
 """Noise-aware quantization-aware training: fine-tune a simulated (fake-quantized) model with Gaussian noise
 augmentation at σ (as the smoothed classifier sees it) through the straight-through quantizers.
 
-Activation ranges stay as calibrated; weight scales follow the weights. The images get the same augmentation
+With ``learned_scales`` the quantizers' scales are parameters too (LSQ, Esser et al. 2020: passes/quantize.py
+``learn_scales``), trained by the same optimizer without weight decay and written back as fixed scales at the
+end, so the lowering exports exactly what was learned. Without it, activation ranges stay as calibrated and
+weight scales follow the weights (minmax) or stay as calibrated (percentile, mse). The images get the same augmentation
 as ``arqc train`` (``auto``: random crops and flips for colour photos). SGD with momentum and a cosine
 schedule; one checkpoint per epoch (``state_path``) so an interrupted run resumes with the same result.
 It runs on a GPU when there is one (like ``arqc train``); batches, crops and noise are drawn on the CPU either
@@ -19,16 +22,19 @@ from tqdm import tqdm
 
 from arqc.augment import AUGMENTS, augment, resolve_augment
 from arqc.base import ArqcError, atomic_write
+from arqc.passes.quantize import clamp_scales, freeze_scales, learn_scales
 from arqc.runtime.devices import resolve_device
 
 
 def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tensor, *, sigma: float,
              epochs: int, lr: float = 1e-3, batch_size: int = 128, seed: int = 0,
              state_path: str | Path | None = None, progress: bool = True,
-             augmentation: str = "none", device: str | None = None) -> torch.fx.GraphModule:
+             augmentation: str = "none", device: str | None = None,
+             learned_scales: bool = False, scale_lr: float | None = None) -> torch.fx.GraphModule:
     """Fine-tune ``sim`` in place on (images, labels), augmented (one of ``arqc.augment.AUGMENTS``), with noise
     N(0, σ²) added to the [0, 1] pixels, on ``device`` (default: cuda when available); ``sim`` ends on the
-    CPU."""
+    CPU. ``learned_scales``: LSQ (see the module docstring), the scales at learning rate ``scale_lr`` (default:
+    ``lr``)."""
     if epochs < 0 or lr <= 0 or sigma < 0:
         raise ArqcError(f"fine-tuning needs epochs >= 0, lr > 0, sigma >= 0 (got {epochs}, {lr}, {sigma})")
     if augmentation not in AUGMENTS:
@@ -38,8 +44,11 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
         return sim
     dev = resolve_device(device)
     sim.to(dev)
-    params = [p for p in sim.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+    scales = learn_scales(sim) if learned_scales else []
+    learned = {id(p) for p in scales}
+    params = [p for p in sim.parameters() if p.requires_grad and id(p) not in learned]
+    groups = [{"params": params}] + ([{"params": scales, "weight_decay": 0.0, "lr": scale_lr or lr}] if scales else [])
+    opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(images) / batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / (epochs * steps_per_epoch))))
@@ -66,6 +75,7 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
             opt.zero_grad()
             loss.backward()
             opt.step()
+            clamp_scales(scales)
             schedule.step()
             total += len(idx)
             correct += int((logits.argmax(1) == y).sum())
@@ -76,4 +86,6 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
                      "gen": gen.get_state(), "epoch": epoch + 1}
             atomic_write(state_path, lambda f, state=state: torch.save(state, f))
     sim.to("cpu").eval()
+    if learned_scales:
+        freeze_scales(sim)
     return sim

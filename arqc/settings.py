@@ -30,6 +30,22 @@ def check_smoothing_args(sigma: float, n0: int, n: int, alpha: float) -> None:
         raise ArqcError(f"--alpha must lie strictly between 0 and 1 (e.g. 0.001), got {alpha}")
 
 
+CALIBRATIONS = ("minmax", "percentile", "mse")  # the same as arqc.passes.quantize.CALIBRATIONS (a test checks)
+QAT_SCALES = ("fixed", "lsq")
+# the default calibration of arqc compile, by measurement (bench/calibration.py; examples/results/arq_cifar10.md)
+DEFAULT_CALIBRATION = "mse"
+
+
+def check_quant_choices(scales: str, calibration: str, qat_scales: str = "fixed") -> None:
+    """One-line errors for --scales, --calibration and --qat-scales."""
+    if calibration not in CALIBRATIONS:
+        raise ArqcError(f"unknown --calibration '{calibration}'; choose one of {', '.join(CALIBRATIONS)}")
+    if qat_scales not in QAT_SCALES:
+        raise ArqcError(f"unknown --qat-scales '{qat_scales}'; choose one of {', '.join(QAT_SCALES)}")
+    if qat_scales == "lsq" and scales == "po2":
+        raise ArqcError("--qat-scales lsq learns float scales; use --scales float, or --qat-scales fixed with po2")
+
+
 @dataclass(frozen=True)
 class CompileSettings:
     """What ``arqc.settings`` in a compiled ONNX model records: where the model came from and how it was made.
@@ -45,6 +61,7 @@ class CompileSettings:
     base_fingerprint: str | None = None
     purpose: str = "deploy"
     scales: str = "float"
+    calibration: str = "minmax"  # how clipping ranges were chosen (passes/quantize.py: CALIBRATIONS)
     calibration_data: str | None = None
     calibration_images: int = 0
     sigma: float | None = None
@@ -123,6 +140,8 @@ class SearchSettings:
     test_images: int = 500
     seed: int = 0
     scales: str = "float"
+    calibration: str = DEFAULT_CALIBRATION  # clipping ranges of every candidate and of the result (CALIBRATIONS)
+    qat_scales: str = "fixed"  # the final QAT: "fixed" (scales as calibrated) or "lsq" (learned step sizes)
     min_bits: int = 2
     max_bits: int = 8
     keep_first_last: bool = True  # HAQ keeps the first and last layer at 8 bits
@@ -139,6 +158,7 @@ class SearchSettings:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ArqcError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        check_quant_choices(self.scales, self.calibration, self.qat_scales)
         if self.episodes < 1 or self.warmup < 0 or self.search_images < 1 or self.search_n < 1 or \
                 self.cache_n < self.search_n or self.finetune_epochs < 0 or self.episode_finetune_epochs < 0:
             raise ArqcError("need --episodes >= 1, --warmup >= 0, --search-images >= 1, --finetune-epochs >= 0, "

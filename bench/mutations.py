@@ -183,6 +183,25 @@ MUTATIONS = [
              "        backend = self.backends.get(key)\n",
              "        backend = next(iter(self.backends.values()), None)\n",
              ("tests/test_ray.py",)),
+    # calibration choices, learned step sizes, bias correction (#18)
+    Mutation("LSQ's scale gradient below the range as above it", "passes/quantize.py",
+             "d_elem = torch.where(below, float(ctx.qmin - z)", "d_elem = torch.where(below, float(ctx.qmax - z)",
+             ("tests/test_calibration.py",)),
+    Mutation("mse activation calibration keeps min/max", "passes/quantize.py",
+             '        if calibration == "mse" and hi > lo:\n', '        if calibration == "never" and hi > lo:\n',
+             ("tests/test_calibration.py",)),
+    Mutation("mse weight scales skip the finer grid", "passes/quantize.py",
+             "        for _ in range(2):  # the grid, then a finer one around each channel's best ratio\n",
+             "        for _ in range(1):  # the grid, then a finer one around each channel's best ratio\n",
+             ("tests/test_calibration.py",)),
+    Mutation("learned scales not written back", "passes/quantize.py",
+             '            m.act = dataclasses.replace(m.act, scale=scale, method=f"{m.act.method}, lsq")\n',
+             '            m.act = dataclasses.replace(m.act, method=f"{m.act.method}, lsq")\n',
+             ("tests/test_calibration.py",)),
+    Mutation("bias correction from the float bias", "passes/quantize.py",
+             "            layer.bias.copy_(layer.effective_bias().detach() - shift.to(layer.bias.dtype))\n",
+             "            layer.bias.copy_(layer.bias.detach() - shift.to(layer.bias.dtype))\n",
+             ("tests/test_calibration.py",)),
 ]
 
 

@@ -30,7 +30,7 @@ from arqc.data import load_images
 from arqc.passes.policy import policy_to_json
 from arqc.pipeline import prepare_model
 from arqc.runtime.cluster import RayPool, pool_for
-from arqc.settings import SearchSettings
+from arqc.settings import CALIBRATIONS, QAT_SCALES, SearchSettings
 
 RADII = ("0.00", "0.25", "0.50", "0.75", "1.00")  # keys of arqc.runtime.run results
 
@@ -67,6 +67,10 @@ def experiment() -> None:
     p.add_argument("--episode-finetune-epochs", type=int, default=0,
                    help="fine-tune every search candidate (HAQ) on the --train images outside the search split")
     p.add_argument("--calib-images", type=int, default=256, help="training images that calibrate the ranges")
+    p.add_argument("--calibration", choices=CALIBRATIONS, default=SearchSettings.calibration,
+                   help="how clipping ranges are chosen (arqc compile --calibration)")
+    p.add_argument("--qat-scales", choices=QAT_SCALES, default=SearchSettings.qat_scales,
+                   help="QAT with fixed or learned (LSQ) scales (arqc compile --qat-scales)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                    help="run the rows side by side on a Ray cluster (extra arqc[ray]): auto (the default of a bare "
@@ -90,7 +94,8 @@ def experiment() -> None:
                           search_images=args.search_images, cache_n=args.cache_n, search_n=args.search_n,
                           n0=args.n0, n=args.n, alpha=args.alpha, finetune_epochs=args.finetune_epochs,
                           test_images=args.test_images, seed=args.seed, calib_images=args.calib_images,
-                          episode_finetune_epochs=args.episode_finetune_epochs)
+                          episode_finetune_epochs=args.episode_finetune_epochs, calibration=args.calibration,
+                          qat_scales=args.qat_scales)
     with pool_for(args.ray, args.ray_workers) as pool:
         run_rows(args, (prep, train, test, finetune), base, pool)
 
@@ -191,7 +196,9 @@ def write_table(args: argparse.Namespace, rows: list[tuple[str, str, dict]], fp3
              f"Search: {args.episodes} episodes ({args.warmup} warm-up), {args.search_images} search images from "
              f"`{args.train}`, IRS n' = {args.search_n} against an FP32 cache of n = {args.cache_n}; "
              f"QAT {args.finetune_epochs} epoch(s) on `{args.finetune_data or args.train}` "
-             "(noise σ; crops and flips for colour images, as `arqc train`). "
+             "(noise σ; crops and flips for colour images, as `arqc train`), "
+             f"{'learned (LSQ)' if args.qat_scales == 'lsq' else 'fixed'} scales; {args.calibration} calibration "
+             f"on {args.calib_images} images. "
              "First and last layer fixed at 8 bits. ARQ and HAQ play the "
              f"sensitivity-greedy policy in the last warm-up episode ({max(args.warmup - 1, 0)}, a demonstration) and "
              "explore around it; \"chosen episode\" is the episode whose policy won the search.", "",

@@ -27,6 +27,18 @@ uses that grid as its input quantizer at a_bits = 8 (``grid_input``: nothing to 
 already) and requantizes from it at a_bits < 8.
 The rounding steps are differentiable through a clipped straight-through estimator, so the simulated model
 can be fine-tuned.
+
+Calibration (:data:`CALIBRATIONS`, DESIGN §2: "other calibrations, lowered exactly") chooses each clipping range;
+whatever it picks is a scale and a zero point, which the lowering writes as they are:
+- ``minmax``: the observed range (weights: max|w_c| per channel, following the weights during QAT);
+- ``percentile``: the :data:`PERCENTILE`-th percentile of the observed values at each end (weights: of |w_c|);
+- ``mse``: the range, shrunk from the observed one by a factor (:data:`CLIP_RATIOS`, then a grid ten times finer
+  around the best of them), that minimizes the mean squared quantization error at the quantizer's own bits (per
+  tensor; weights per channel).
+Activations are judged on a fixed-seed sample of :data:`SAMPLE_CAP` values per quantizer (exact min and max).
+Weight scales from ``percentile`` and ``mse`` are set once, at calibration. :func:`learn_scales` turns every
+scale into a parameter for learned step-size QAT (LSQ, Esser et al. 2020) and :func:`freeze_scales` writes the
+learned values back, so the lowering again sees fixed scales.
 """
 
 from __future__ import annotations
@@ -34,7 +46,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
+import math
 from collections.abc import Iterable
 
 import torch
@@ -66,6 +80,42 @@ def fake_quant(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torc
     return _FakeQuant.apply(x, scale, zero_point, qmin, qmax)
 
 
+class _LsqFakeQuant(torch.autograd.Function):
+    """:class:`_FakeQuant`'s forward (the same operations, so the same numbers) with LSQ's gradients (Esser et
+    al. 2020), judged on the unrounded v = x/s + z: for x, 1 where qmin <= v <= qmax, else 0; for the scale,
+    round(x/s) - x/s there, qmin - z below and qmax - z above, times ``grad_factor`` and summed to the scale's
+    shape (per tensor, or per output channel)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor):
+        v = x / scale
+        q = torch.round(v) + zero_point
+        clamped = torch.clamp(q, qmin, qmax)
+        ctx.save_for_backward(v, scale)
+        ctx.zero_point, ctx.qmin, ctx.qmax, ctx.grad_factor = zero_point, qmin, qmax, grad_factor
+        return (clamped - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, scale = ctx.saved_tensors
+        z = ctx.zero_point
+        below, above = v + z < ctx.qmin, v + z > ctx.qmax
+        inside = ~(below | above)
+        d_elem = torch.where(below, float(ctx.qmin - z), torch.where(above, float(ctx.qmax - z), torch.round(v) - v))
+        d_scale = grad * d_elem * ctx.grad_factor
+        dims = [d for d in range(d_scale.dim()) if d >= scale.dim() or scale.shape[d] == 1] \
+            if scale.dim() else list(range(d_scale.dim()))
+        d_scale = d_scale.sum(dims, keepdim=scale.dim() > 0).reshape(scale.shape)
+        return grad * inside, d_scale, None, None, None, None
+
+
+def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: int, qmin: int, qmax: int,
+                   per: int) -> torch.Tensor:
+    """:func:`fake_quant` with a learnable ``scale``; ``per``: values per scale (LSQ's gradient scale
+    1/sqrt(per · qmax))."""
+    return _LsqFakeQuant.apply(x, scale, zero_point, qmin, qmax, 1.0 / math.sqrt(max(per, 1) * max(qmax, 1)))
+
+
 SCALES = ("float", "po2")
 
 
@@ -74,11 +124,44 @@ def _po2(scale: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.ceil(torch.log2(scale)))
 
 
-def weight_scale(weight: torch.Tensor, bits: int, scales: str = "float") -> torch.Tensor:
-    """Per-output-channel symmetric scale, float32, shaped to broadcast against the weight.
-    ``scales="po2"`` rounds each scale up to a power of two (see :data:`SCALES`)."""
+CALIBRATIONS = ("minmax", "percentile", "mse")
+PERCENTILE = 99.99  # percentile calibration: the share of observed values (%) inside the range at each end
+CLIP_RATIOS = torch.linspace(0.01, 1.0, 100)  # mse calibration: the shrink factors of the observed range it tries
+SAMPLE_CAP = 1 << 16  # activation values kept per quantizer for percentile and mse calibration
+
+
+def _check_calibration(calibration: str) -> None:
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+
+
+def weight_scale(weight: torch.Tensor, bits: int, scales: str = "float", calibration: str = "minmax"
+                 ) -> torch.Tensor:
+    """Per-output-channel symmetric scale, float32, shaped to broadcast against the weight: the channel's
+    clipping bound (see :data:`CALIBRATIONS`) over 2^(b-1) - 1. ``scales="po2"`` rounds each scale up to a power
+    of two (see :data:`SCALES`)."""
+    _check_calibration(calibration)
     qmax = 2 ** (bits - 1) - 1
-    amax = weight.detach().abs().flatten(1).amax(1).float()
+    w = weight.detach().flatten(1).float()
+    amax = w.abs().amax(1)
+    if calibration == "percentile":
+        amax = torch.quantile(w.abs(), PERCENTILE / 100, dim=1)
+    elif calibration == "mse":
+        best, err = amax.clone(), torch.full_like(amax, math.inf)
+        step = float(CLIP_RATIOS[1] - CLIP_RATIOS[0])
+        ratios = CLIP_RATIOS.expand(len(amax), -1)
+        for _ in range(2):  # the grid, then a finer one around each channel's best ratio
+            for ratio in ratios.T:
+                bound = amax * ratio
+                s = torch.where(bound > 0, bound / qmax, torch.ones_like(bound))
+                if scales == "po2":
+                    s = _po2(s)
+                e = ((torch.round(w / s[:, None]).clamp(-qmax, qmax) * s[:, None] - w) ** 2).sum(1)
+                better = e < err
+                best, err = torch.where(better, bound, best), torch.where(better, e, err)
+            chosen = torch.where(amax > 0, best / amax, torch.ones_like(amax))
+            ratios = (chosen[:, None] + torch.linspace(-step, step, 21)).clamp(max=1.0)
+        amax = best
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     if scales == "po2":
         scale = _po2(scale)
@@ -105,22 +188,70 @@ def act_quant(lo: float, hi: float, bits: int, signed: bool, scales: str = "floa
     return ActQuant(bits, signed, scale, zero_point, qmin, qmax, float(lo), float(hi), method)
 
 
-class _Observer:
-    """Calibration of one activation quantizer: the min/max of what passes while ``calibrating``."""
+@dataclasses.dataclass
+class Observed:
+    """What calibration saw of one activation tensor: its exact min and max and a fixed-seed sample of its values
+    (at most :data:`SAMPLE_CAP`), from which :meth:`clip` picks the clipping range."""
 
-    observed: tuple[float, float] | None
+    lo: float
+    hi: float
+    sample: torch.Tensor  # float32, 1-D
+
+    @classmethod
+    def of(cls, x: torch.Tensor, previous: Observed | None = None) -> Observed:
+        x = x.detach().flatten().float()
+        lo, hi = float(x.min()), float(x.max())
+        if previous is not None:
+            lo, hi = min(lo, previous.lo), max(hi, previous.hi)
+        gen = torch.Generator().manual_seed(len(previous.sample) if previous is not None else 0)
+        take = x[torch.randint(len(x), (min(len(x), SAMPLE_CAP // 4),), generator=gen)]
+        sample = take if previous is None else torch.cat([previous.sample, take])
+        if len(sample) > SAMPLE_CAP:
+            sample = sample[torch.randperm(len(sample), generator=gen)[:SAMPLE_CAP]]
+        return cls(lo, hi, sample)
+
+    def clip(self, bits: int, signed: bool, calibration: str = "minmax", scales: str = "float"
+             ) -> tuple[float, float]:
+        """The clipping range (lo, hi) by ``calibration`` for a quantizer at ``bits``."""
+        _check_calibration(calibration)
+        lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)
+        if not signed:
+            lo = 0.0
+        if calibration == "percentile":
+            q = torch.quantile(self.sample, torch.tensor([1 - PERCENTILE / 100, PERCENTILE / 100])).tolist()
+            return (min(q[0], 0.0) if signed else 0.0), max(q[1], 0.0)
+        if calibration == "mse" and hi > lo:
+            x, err, best = self.sample, math.inf, 1.0
+            step = float(CLIP_RATIOS[1] - CLIP_RATIOS[0])
+            ratios = CLIP_RATIOS.tolist()
+            for _ in range(2):  # the grid, then a finer one around the best ratio
+                for ratio in ratios:
+                    a = act_quant(lo * ratio, hi * ratio, bits, signed, scales)
+                    e = float(((fake_quant(x, a.scale, a.zero_point, a.qmin, a.qmax) - x) ** 2).sum())
+                    if e < err:
+                        err, best = e, ratio
+                ratios = [r for r in (best + step * torch.linspace(-1, 1, 21)).tolist() if r <= 1.0]
+            return lo * best, hi * best
+        return lo, hi
+
+
+class _Observer:
+    """Calibration of one activation quantizer: what passes while ``calibrating`` (:class:`Observed`)."""
+
+    observed: Observed | None
     calibrating: bool
     scales: str
     method: str
+    calibration: str
 
     def observe(self, x: torch.Tensor) -> None:
-        lo, hi = float(x.detach().min()), float(x.detach().max())
-        self.observed = (lo, hi) if self.observed is None else (min(lo, self.observed[0]), max(hi, self.observed[1]))
+        self.observed = Observed.of(x, self.observed)
 
     def calibrated(self, bits: int, signed: bool, even_zero: bool = False) -> ActQuant:
         if self.observed is None:
             raise RuntimeError("calibration saw no data")
-        return act_quant(*self.observed, bits, signed, self.scales, self.method, even_zero)
+        lo, hi = self.observed.clip(bits, signed, self.calibration, self.scales)
+        return act_quant(lo, hi, bits, signed, self.scales, self.method, even_zero)
 
     def _quantize(self, x: torch.Tensor, bits: int) -> torch.Tensor:
         """``x`` through this quantizer at ``bits`` (observed instead while calibrating; 32 = float)."""
@@ -132,7 +263,15 @@ class _Observer:
         if self.act is None:
             raise RuntimeError(f"{type(self).__name__} with bits={bits} used before calibration")
         a = self.act
+        learned = getattr(self, "learned_scale", None)
+        if learned is not None:
+            return lsq_fake_quant(x, learned, a.zero_point, a.qmin, a.qmax, x[0].numel())
         return fake_quant(x, a.scale, a.zero_point, a.qmin, a.qmax)
+
+    def act_scale(self):
+        """The input quantizer's scale as the forward uses it (the learned one during LSQ)."""
+        learned = getattr(self, "learned_scale", None)
+        return self.act.scale if learned is None else learned
 
 
 class QuantLayer(_Observer):
@@ -145,10 +284,11 @@ class QuantLayer(_Observer):
 
     def _init_quant(self, w_bits: int, a_bits: int, signed: bool, scales: str) -> None:
         self.w_bits, self.a_bits, self.signed, self.act, self.scales = w_bits, a_bits, signed, None, scales
-        self.observed: tuple[float, float] | None = None
+        self.observed: Observed | None = None
         self.calibrating = False
-        self.method = "minmax"
-        self.fixed_weight_scale: torch.Tensor | None = None  # set when rebuilt from a lowered model
+        self.method, self.calibration = "minmax", "minmax"
+        # set by percentile/mse calibration, by freeze_scales, and when rebuilt from a lowered model
+        self.fixed_weight_scale: torch.Tensor | None = None
         # the requant module whose 8-bit grid the input lies on, when a_bits = 8 uses that grid (integerize)
         self.grid_source: str | None = None
 
@@ -161,6 +301,9 @@ class QuantLayer(_Observer):
         return x if self.grid_input else self._quantize(x, self.a_bits)
 
     def weight_scale(self) -> torch.Tensor:
+        learned = getattr(self, "learned_weight_scale", None)
+        if learned is not None:
+            return learned
         if self.fixed_weight_scale is not None:
             return self.fixed_weight_scale.to(self.weight.device)  # a plain attribute: .to() leaves it
         return weight_scale(self.weight, self.w_bits, self.scales)
@@ -169,13 +312,18 @@ class QuantLayer(_Observer):
         if self.w_bits >= FP32:
             return self.weight
         qmax = 2 ** (self.w_bits - 1) - 1
+        learned = getattr(self, "learned_weight_scale", None)
+        if learned is not None:
+            return lsq_fake_quant(self.weight, learned, 0, -qmax, qmax, self.weight[0].numel())
         return fake_quant(self.weight, self.weight_scale(), 0, -qmax, qmax)
 
     def bias_scale(self) -> torch.Tensor | None:
-        """Scale of the int32 bias (s_x · s_w per channel), or None when the bias stays float."""
+        """Scale of the int32 bias (s_x · s_w per channel), or None when the bias stays float. During LSQ it
+        follows the learned scales without passing gradients to them; a grid-input layer reads its grid's scale
+        as last linked, so its bias rounds on a scale up to one QAT run old until :func:`freeze_scales`."""
         if self.bias is None or self.w_bits >= FP32 or self.act is None or self.calibrating:
             return None
-        return (self.act.scale * self.weight_scale().flatten()).float()
+        return (self.act_scale() * self.weight_scale().flatten()).detach().float()
 
     def effective_bias(self) -> torch.Tensor | None:
         scale = self.bias_scale()
@@ -187,6 +335,12 @@ class QuantLayer(_Observer):
         self.calibrating = False
         if self.a_bits < FP32 and not self.grid_input:  # a grid input's quantizer is its grid (link_grids)
             self.act = self.calibrated(self.a_bits, self.signed)
+        self.calibrate_weights()
+
+    def calibrate_weights(self) -> None:
+        """Percentile and mse weight scales are chosen once, here (minmax ones follow the weights)."""
+        if self.w_bits < FP32 and self.calibration != "minmax" and not isinstance(self, QuantMatMul):
+            self.fixed_weight_scale = weight_scale(self.weight, self.w_bits, self.scales, self.calibration)
 
 
 class QuantConv2d(QuantLayer, nn.Conv2d):
@@ -205,9 +359,9 @@ class OperandQuant(_Observer, nn.Module):
 
     def __init__(self, bits: int, signed: bool, scales: str = "float"):
         super().__init__()
-        self.bits, self.signed, self.scales, self.method = bits, signed, scales, "minmax"
+        self.bits, self.signed, self.scales, self.method, self.calibration = bits, signed, scales, "minmax", "minmax"
         self.act: ActQuant | None = None
-        self.observed: tuple[float, float] | None = None
+        self.observed: Observed | None = None
         self.calibrating = False
         self.grid_source: str | None = None
 
@@ -248,11 +402,12 @@ class Requant(_Observer, nn.Module):
     """Requantization of a tensor between quantized ops to its 8-bit grid (DESIGN §2, integer-only inference):
     per tensor, affine, calibrated on what it sees, unsigned when its input is non-negative."""
 
-    def __init__(self, signed: bool, scales: str = "float", method: str = "minmax"):
+    def __init__(self, signed: bool, scales: str = "float", method: str = "minmax", calibration: str = "minmax"):
         super().__init__()
         self.bits, self.signed, self.scales, self.method = REQUANT_BITS, signed, scales, method
+        self.calibration = calibration
         self.act: ActQuant | None = None
-        self.observed: tuple[float, float] | None = None
+        self.observed: Observed | None = None
         self.calibrating = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -290,7 +445,8 @@ def _grid(node: torch.fx.Node) -> str | None:
     return node.meta[KEY].grid if KEY in node.meta else None
 
 
-def integerize(sim: torch.fx.GraphModule, scales: str = "float", method: str = "minmax") -> torch.fx.GraphModule:
+def integerize(sim: torch.fx.GraphModule, scales: str = "float", method: str = "minmax",
+               calibration: str = "minmax") -> torch.fx.GraphModule:
     """Insert the requant nodes of integer-only inference into a graph whose layers are QuantLayers (see the
     module docstring), mark the nodes that keep a grid (``meta["arqc"].grid``) and the layers that read one
     (``grid_input``). In place; returns ``sim``."""
@@ -316,7 +472,8 @@ def integerize(sim: torch.fx.GraphModule, scales: str = "float", method: str = "
         if point is logits:
             continue
         target = f"arqc_requant.{point.name}"  # a container no user model names
-        sim.add_submodule(target, Requant(signed=not info(point).nonneg, scales=scales, method=method))
+        sim.add_submodule(target, Requant(signed=not info(point).nonneg, scales=scales, method=method,
+                                          calibration=calibration))
         with graph.inserting_after(point):
             requant = graph.call_module(target, (point,))
         point.replace_all_uses_with(requant, delete_user_cb=lambda user, new=requant: user is not new)
@@ -331,7 +488,7 @@ def integerize(sim: torch.fx.GraphModule, scales: str = "float", method: str = "
 
 @contextlib.contextmanager
 def one_layer_quantized(sim: torch.fx.GraphModule, layer: str, w_bits: int, a_bits: int,
-                        ranges: dict[str, tuple[float, float]]):
+                        ranges: dict[str, Observed]):
     """Within the block, ``layer`` of a simulation whose layers are all float (32, 32) quantizes its weights
     (w_bits; a matmul: its second operand) or its input (a_bits), with activation ranges from ``ranges``
     (:func:`observed_ranges`); restored on exit. The same function as :func:`simulate` of that one-layer policy
@@ -344,17 +501,20 @@ def one_layer_quantized(sim: torch.fx.GraphModule, layer: str, w_bits: int, a_bi
     if m.w_bits != FP32 or m.a_bits != FP32:
         raise ValueError("one_layer_quantized needs a simulation whose layers are all at 32 bits")
     second = getattr(m, "second", None)
-    saved = (m.act, None if second is None else (second.bits, second.act))
+    saved = (m.act, None if second is None else (second.bits, second.act), m.fixed_weight_scale)
     m.w_bits, m.a_bits = w_bits, a_bits
     if a_bits < FP32:
-        m.act = act_quant(*ranges[layer], a_bits, m.signed, m.scales, m.method)
+        m.observed = ranges[layer]
+        m.act = m.calibrated(a_bits, m.signed)
+    if w_bits < FP32:
+        m.calibrate_weights()
     if second is not None and w_bits < FP32:
-        second.bits = w_bits
-        second.act = act_quant(*ranges[f"{layer}.second"], w_bits, second.signed, second.scales, second.method)
+        second.bits, second.observed = w_bits, ranges[f"{layer}.second"]
+        second.act = second.calibrated(w_bits, second.signed)
     try:
         yield sim
     finally:
-        m.w_bits, m.a_bits, m.act = FP32, FP32, saved[0]
+        m.w_bits, m.a_bits, m.act, m.fixed_weight_scale = FP32, FP32, saved[0], saved[2]
         if second is not None:
             second.bits, second.act = saved[1]
 
@@ -388,7 +548,9 @@ def quant_state(gm: torch.nn.Module) -> str:
     state = {}
     for name, m in gm.named_modules():
         if isinstance(m, QuantLayer):
-            state[name] = [m.w_bits, m.a_bits, m.grid_source, None if m.act is None else vars(m.act)]
+            fixed = m.fixed_weight_scale
+            digest = None if fixed is None else hashlib.sha256(fixed.detach().numpy().tobytes()).hexdigest()
+            state[name] = [m.w_bits, m.a_bits, m.grid_source, None if m.act is None else vars(m.act), digest]
         elif isinstance(m, Requant):
             state[name] = None if m.act is None else vars(m.act)
         elif isinstance(m, OperandQuant):
@@ -408,15 +570,19 @@ def _quant_copy(module: nn.Module, w_bits: int, a_bits: int, signed: tuple[bool,
 
 
 def simulate(gm: torch.fx.GraphModule, calibration: Iterable[torch.Tensor], scales: str = "float",
-             method: str = "minmax", ranges: dict[str, tuple[float, float]] | None = None) -> torch.fx.GraphModule:
+             method: str | None = None, ranges: dict[str, Observed] | None = None,
+             clipping: str = "minmax") -> torch.fx.GraphModule:
     """A copy of ``gm`` whose layers are fake-quantized at the bits in their meta (the policy pass sets them),
-    with activation ranges calibrated (min/max) on ``calibration`` batches of training images; ``method``
-    names how they were made (recorded in each :class:`ActQuant`, e.g. "minmax, noise sigma=0.25").
-    ``ranges`` (quantizer name → observed (min, max), see :func:`observed_ranges`) replaces the calibration run.
+    with clipping ranges chosen by ``clipping`` (:data:`CALIBRATIONS`) from ``calibration`` batches of training
+    images; ``method`` names how they were made (recorded in each :class:`ActQuant`, e.g. "mse, noise
+    sigma=0.25"; default: ``clipping``). ``ranges`` (quantizer name → :class:`Observed`, see
+    :func:`observed_ranges`) replaces the calibration run.
     The graph is integer-only (:func:`integerize`). Records each layer's and requant node's :class:`ActQuant`
     in ``meta["arqc"].act``."""
     if scales not in SCALES:
         raise ValueError(f"scales must be one of {SCALES}")
+    _check_calibration(clipping)
+    method = clipping if method is None else method
     sim = copy.deepcopy(gm)
     for node in sim.graph.nodes:  # fx copies node.meta shallowly: the simulation gets its own NodeInfos
         if KEY in node.meta:
@@ -425,12 +591,12 @@ def simulate(gm: torch.fx.GraphModule, calibration: Iterable[torch.Tensor], scal
         meta = info(node)
         signed = tuple(not info(a).nonneg for a in node.args[:2] if isinstance(a, torch.fx.Node)) + (True,)
         layer = _quant_copy(sim.get_submodule(node.target), meta.w_bits, meta.a_bits, signed[:2], scales)
-        layer.method = method
+        layer.method, layer.calibration = method, clipping
         if isinstance(layer, QuantMatMul):
-            layer.second.method = method
+            layer.second.method, layer.second.calibration = method, clipping
         owner, _, name = node.target.rpartition(".")
         setattr(sim.get_submodule(owner), name, layer)
-    integerize(sim, scales, method)
+    integerize(sim, scales, method, clipping)
     if ranges is None:
         calibrate(sim, calibration)
     else:
@@ -454,10 +620,10 @@ def _quantizers(sim: torch.fx.GraphModule) -> dict[str, _Observer]:
     return found | {n.target: sim.get_submodule(n.target) for n in requant_nodes(sim)}
 
 
-def observed_ranges(sim: torch.fx.GraphModule) -> dict[str, tuple[float, float]]:
-    """Each calibrated quantizer's observed (min, max): layers' inputs by layer name, requant modules by target.
-    Of a simulation whose weights are all unquantized, these are the float model's activation ranges: what
-    calibration finds for any policy in which only one layer is quantized (the sensitivity proxy's policies)."""
+def observed_ranges(sim: torch.fx.GraphModule) -> dict[str, Observed]:
+    """What each calibrated quantizer observed: layers' inputs by layer name, requant modules by target.
+    Of a simulation whose weights are all unquantized, these are the float model's activations: what
+    calibration sees for any policy in which only one layer is quantized (the sensitivity proxy's policies)."""
     return {name: m.observed for name, m in _quantizers(sim).items() if m.observed is not None}
 
 
@@ -477,3 +643,98 @@ def calibrate(sim: torch.fx.GraphModule, calibration: Iterable[torch.Tensor]) ->
     for m in quantizers:
         m.finish_calibration()
     link_grids(sim)
+
+
+def _learnable(sim: torch.nn.Module):
+    """(module, attribute, initial scale, shape) of every scale LSQ learns: each activation quantizer that rounds
+    (not a grid input, which reads its grid's) and each quantized layer's per-channel weight scale."""
+    for m in sim.modules():
+        if isinstance(m, QuantLayer | OperandQuant | Requant) and m.act is not None and \
+                not getattr(m, "grid_input", False) and (m.a_bits if isinstance(m, QuantLayer) else m.bits) < FP32:
+            yield m, "learned_scale", torch.tensor(m.act.scale, dtype=torch.float32)
+        if isinstance(m, QuantLayer) and not isinstance(m, QuantMatMul) and m.w_bits < FP32:
+            yield m, "learned_weight_scale", m.weight_scale().detach().clone().float()
+
+
+def learn_scales(sim: torch.fx.GraphModule) -> list[nn.Parameter]:
+    """Make every scale of a calibrated simulation a parameter (LSQ), initialized at its calibrated value;
+    zero points stay. Returns the new parameters (train them without weight decay; :func:`clamp_scales` after
+    each step). Float scales only: a learned scale is no power of two."""
+    if any(getattr(m, "scales", "float") == "po2" for m in sim.modules()):
+        raise ValueError("learned scales (LSQ) need float scales, not po2")
+    params = []
+    for m, name, init in list(_learnable(sim)):
+        p = nn.Parameter(init.to(next(iter(sim.parameters())).device))
+        setattr(m, name, p)
+        params.append(p)
+    return params
+
+
+def clamp_scales(params: Iterable[nn.Parameter], floor: float = 1e-8) -> None:
+    """Keep learned scales positive after an optimizer step."""
+    with torch.no_grad():
+        for p in params:
+            p.clamp_(min=floor)
+
+
+def freeze_scales(sim: torch.fx.GraphModule) -> None:
+    """Write the learned scales back as fixed ones (an activation's :class:`ActQuant` gets the learned scale and
+    ", lsq" in its method; a layer's weights get ``fixed_weight_scale``), remove the parameters and relink the
+    grids, so lowering writes exactly the scales the forward used."""
+    for m in list(sim.modules()):
+        learned = m._parameters.get("learned_scale")
+        if learned is not None:
+            scale = float(learned.detach().float().cpu())
+            del m.learned_scale
+            m.act = dataclasses.replace(m.act, scale=scale, method=f"{m.act.method}, lsq")
+        learned = m._parameters.get("learned_weight_scale")
+        if learned is not None:
+            m.fixed_weight_scale = learned.detach().float().cpu().clone()
+            del m.learned_weight_scale
+    link_grids(sim)
+
+
+def _channel_means(model: torch.nn.Module, targets: list[str], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The mean output per channel (conv: dim 1; linear: the last dim) of each module in ``targets`` over
+    ``batches``, in float64, from one pass."""
+    sums: dict[str, list] = {t: [None, 0] for t in targets}
+
+    def hook(target: str, module: torch.nn.Module, out: torch.Tensor) -> None:
+        channel = out.dim() - 1 if isinstance(module, nn.Linear) else 1
+        dims = [d for d in range(out.dim()) if d != channel]
+        s, entry = out.detach().double().sum(dims), sums[target]
+        entry[0] = s if entry[0] is None else entry[0] + s
+        entry[1] += out.numel() // out.shape[channel]
+
+    handles = [model.get_submodule(t).register_forward_hook(
+        lambda m, _, out, t=t: hook(t, m, out)) for t in targets]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {t: total / count for t, (total, count) in sums.items()}
+
+
+def correct_biases(sim: torch.fx.GraphModule, float_gm: torch.fx.GraphModule,
+                   batches: Iterable[torch.Tensor]) -> None:
+    """Empirical bias correction (Nagel et al. 2019): shift each quantized layer's bias by the mean difference,
+    per output channel, between the simulation's output of that layer and the float model's, both run on
+    ``batches`` (the calibration images, with noise as the base classifier sees them), one layer after the
+    other in graph order so that each correction sees the ones before it. In place; the corrected float bias
+    is then quantized like any bias (int32 at s_x · s_w), so the lowering stays exact. Layers without a bias,
+    and matmuls of two activations, are left alone."""
+    batches = list(batches)
+    targets = []
+    for n in quantizable_nodes(sim):
+        m = sim.get_submodule(n.target)
+        if isinstance(m, QuantLayer) and not isinstance(m, QuantMatMul) and m.bias is not None and m.w_bits < FP32:
+            targets.append(n.target)
+    reference = _channel_means(float_gm, targets, batches)
+    for target in targets:
+        shift = _channel_means(sim, [target], batches)[target] - reference[target]
+        layer = sim.get_submodule(target)
+        with torch.no_grad():  # from the bias as it was applied (on its int32 grid): within half a step after
+            layer.bias.copy_(layer.effective_bias().detach() - shift.to(layer.bias.dtype))

@@ -36,6 +36,7 @@ BAD = [
     ("no sigma", ["--budget", "5%", "--sigma", "0"], ["sigma"]),
     ("search-n above cache-n", ["--budget", "5%", "--search-n", "80"], ["--search-n <= --cache-n"]),
     ("too few images", ["--budget", "5%", "--search-images", "30"], ["lower --search-images"]),
+    ("lsq with po2", ["--budget", "5%", "--qat-scales", "lsq", "--scales", "po2"], ["--qat-scales lsq"]),
 ]
 
 
@@ -149,3 +150,18 @@ def test_fp32_cache_of_another_sigma_is_refused(search_inputs, tmp_path):
                 fp32_dir=tmp_path / "fp32")
     with pytest.raises(ArqcError, match="sigma=0.25, not 0.5"):
         other.fp32_cache()
+
+
+def test_search_records_its_calibration_and_learned_scales(search_inputs, tmp_path, capsys):
+    from arqc.passes.lower import read_metadata
+
+    argv = _argv(search_inputs, tmp_path, "--budget", "5%", "--method", "greedy", "--calibration", "percentile",
+                 "--qat-scales", "lsq", "--finetune-epochs", "1")
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    meta = read_metadata(onnx.load(tmp_path / "q.onnx"))
+    assert meta["arqc.settings"]["calibration"] == "percentile"
+    assert meta["arqc.settings"]["search"]["qat_scales"] == "lsq"
+    methods = [q["method"] for q in [*meta["arqc.calibration"].values(), *meta["arqc.requant"].values()]]
+    assert methods and all(m.startswith("percentile, noise sigma=0.25") for m in methods)
+    assert all(m.endswith(", lsq") for m in methods)

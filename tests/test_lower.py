@@ -83,12 +83,12 @@ def compare(ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float]:
     return float((out.argmax(1) == ref.argmax(1)).mean()), float(np.median(rel)), float(rel.max())
 
 
-def compiled(case: Case, policy: str, scales: str):
+def compiled(case: Case, policy: str, scales: str, clipping: str = "minmax"):
     """(simulation, ONNX model, torch logits, {level: ORT logits}), computed once per module."""
-    key = (policy, scales)
+    key = (policy, scales, clipping)
     if key not in case.results:
         apply_policy(case.gm, make_policy(case.gm, policy))
-        sim = simulate(case.gm, case.calibration, scales=scales)
+        sim = simulate(case.gm, case.calibration, scales=scales, clipping=clipping)
         model = lower(sim, {"scales": scales, "test": case.name})
         ref = torch_logits(sim, case.x)
         data = model.SerializeToString()
@@ -152,6 +152,19 @@ def test_po2_scales_are_bit_exact(case, policy):
         # MobileNetV2's residual adds have signed outputs: with an odd zero point onnxruntime's fused QLinearAdd
         # rounded half of its (po2: exact) ties the other way, until requant grids got even zero points
         assert diff == 0, f"{level}: max |ort - torch| = {diff}"
+
+
+@pytest.mark.parametrize("clipping", ["percentile", "mse"])
+def test_every_calibration_lowers_exactly(resnet20_case, clipping):
+    """Percentile and mse clipping are scales and zero points like min/max ones: with po2 scales the ONNX model
+    is bit-identical to the simulation, and the clipping really moved the ranges."""
+    sim, _, ref, outs = compiled(resnet20_case, "mixed", "po2", clipping)
+    for level, out in outs.items():
+        assert np.abs(out - ref).max() == 0, level
+    minmax = compiled(resnet20_case, "mixed", "po2")[0]
+    acts = lambda s: [m.act for m in s.modules() if isinstance(m, QuantLayer) and m.act is not None]
+    assert any(a.scale < b.scale for a, b in zip(acts(sim), acts(minmax), strict=True))
+    assert all(a.method == clipping for a in acts(sim))
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -22,7 +22,7 @@ from arqc.commands.options import (
 from arqc.passes.quantize import SCALES
 from arqc.passes.search.budget import parse_budget
 from arqc.reports import format_compile_report, render_html
-from arqc.settings import METHODS, SearchSettings
+from arqc.settings import CALIBRATIONS, METHODS, QAT_SCALES, SearchSettings
 
 SEARCH = SearchSettings()  # the defaults of the search options
 
@@ -55,6 +55,9 @@ def search_options(f):
                      help="Fine-tune every search candidate for this many epochs (HAQ) on the --data images "
                      "outside the search split before scoring it (0 = off)."),
         click.option("--lr", type=float, default=d.lr, show_default=True, help="QAT learning rate."),
+        click.option("--qat-scales", type=click.Choice(QAT_SCALES), default=d.qat_scales, show_default=True,
+                     help="QAT with the scales as calibrated (fixed) or learned with them (lsq: learned "
+                     "step sizes, exported exactly)."),
         click.option("--device", help="Where QAT, fine-tunes and the FP32 model's sampling run: cpu or cuda[:N] "
                      "[default: cuda when available]. Candidates run in onnxruntime on the CPU."),
         click.option("--workdir", help="Where the stages are kept [default: OUTPUT.arqc/]."),
@@ -75,6 +78,9 @@ def search_options(f):
 @click.option("--calib-images", default=512, show_default=True, help="Images used for activation ranges.")
 @click.option("--scales", type=click.Choice(SCALES), default="float", show_default=True,
               help="float: DESIGN's max scaling; po2: power-of-two scales, bit-exact across backends.")
+@click.option("--calibration", type=click.Choice(CALIBRATIONS), default=SEARCH.calibration, show_default=True,
+              help="How clipping ranges are chosen: minmax (the observed range), percentile (99.99th at each "
+              "end), mse (least squared quantization error; weights per channel).")
 @click.option("--int4-weights", is_flag=True, help="Store <=4-bit weights in native INT4 containers.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the compile report JSON.")
 @click.option("--epsilon", help="Also certify the compiled model with interval bounds at this L-inf radius on "
@@ -85,10 +91,11 @@ def search_options(f):
 @search_options
 @ray_options
 def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bits, policy_path, data,
-             calib_images, scales, int4_weights, report_path, epsilon, calib_sigma, sigma, runtime, compare_runtime,
-             verify, test_data,
+             calib_images, scales, calibration, int4_weights, report_path, epsilon, calib_sigma, sigma, runtime,
+             compare_runtime, verify, test_data,
              num_images, n, n0, alpha, max_disagreement, seed, budget, method, episodes, warmup, demo, search_images,
-             cache_n, search_n, lam, finetune_epochs, finetune_data, episode_finetune_epochs, lr, device, workdir,
+             cache_n, search_n, lam, finetune_epochs, finetune_data, episode_finetune_epochs, lr, qat_scales, device,
+             workdir,
              resume, html_path, ray_address, ray_workers, chunk):
     """Quantize MODEL and lower it to a QDQ ONNX model: at a fixed precision (--bits, --w-bits/--a-bits,
     --policy), or at the precision an ARQ search finds under a BitOps --budget (with --sigma and no precision
@@ -118,13 +125,13 @@ def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bit
         search = SearchSettings(method=method, budget=parse_budget(budget), episodes=episodes, warmup=warmup,
                                 demo=demo, search_images=search_images, cache_n=cache_n, search_n=search_n, lam=lam,
                                 finetune_epochs=finetune_epochs, episode_finetune_epochs=episode_finetune_epochs,
-                                lr=lr, device=device)
+                                lr=lr, qat_scales=qat_scales, device=device)
         workdir = workdir or f"{output}.arqc"
     result = api.compile(model, data, arch=arch, input_shape=parse_shape(input_shape), trust_pickle=trust_pickle,
                          bits=bits, w_bits=w_bits, a_bits=a_bits, policy=policy_path,
                          budget=search.budget if search else None, search=search, certify=check,
                          test_images=test_data, epsilon=parse_epsilon(epsilon) if epsilon else None,
-                         calib_images=calib_images, calib_sigma=calib_sigma, scales=scales,
+                         calib_images=calib_images, calib_sigma=calib_sigma, scales=scales, calibration=calibration,
                          int4_weights=int4_weights, finetune_images=finetune_data, workdir=workdir, resume=resume,
                          command=shlex.join(["arqc", *sys.argv[1:]]), progress=True, log=click.echo,
                          ray=ray_address, ray_workers=ray_workers, chunk=chunk)
