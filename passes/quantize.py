@@ -224,12 +224,15 @@ class Observed:
             x, err, best = self.sample, math.inf, 1.0
             step = float(CLIP_RATIOS[1] - CLIP_RATIOS[0])
             ratios = CLIP_RATIOS.tolist()
-            for _ in range(2):  # the grid, then a finer one around the best ratio
-                for ratio in ratios:
-                    a = act_quant(lo * ratio, hi * ratio, bits, signed, scales)
-                    e = float(((fake_quant(x, a.scale, a.zero_point, a.qmin, a.qmax) - x) ** 2).sum())
-                    if e < err:
-                        err, best = e, ratio
+            for _ in range(2):  # the grid, then a finer one around the best ratio; all candidates at once
+                grids = [act_quant(lo * r, hi * r, bits, signed, scales) for r in ratios]
+                scale = torch.tensor([a.scale for a in grids], dtype=torch.float32)[:, None]
+                zero = torch.tensor([float(a.zero_point) for a in grids])[:, None]
+                q = torch.clamp(torch.round(x / scale) + zero, grids[0].qmin, grids[0].qmax)
+                errors = (((q - zero) * scale - x) ** 2).sum(1)
+                i = int(torch.argmin(errors))  # the first of equal errors, as the grid is ordered
+                if float(errors[i]) < err:
+                    err, best = float(errors[i]), ratios[i]
                 ratios = [r for r in (best + step * torch.linspace(-1, 1, 21)).tolist() if r <= 1.0]
             return lo * best, hi * best
         return lo, hi
