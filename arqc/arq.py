@@ -6,6 +6,8 @@ the same result as an uninterrupted one (same seed):
     args.json            the run's arguments (a resume with other arguments is refused)
     fp32_irs_cache.npz   the FP32 smoothed model certified on the search images (IRS cache)
     search_state.pt      the search after every episode (agent, log)        → policy.json, search_log.json
+    fp32_refine_cache.npz, refine_state.pt   with refine_images: the FP32 cache of the refine images, and the
+                         best candidates' refined rewards after every candidate
     qat.pt               the fine-tuned simulated model after every epoch
     certify_quantized.jsonl / certify_fp32.jsonl   resumable final certification states
 
@@ -32,13 +34,13 @@ from arqc.data import ImageSet
 from arqc.passes.analysis import profile
 from arqc.passes.lower import attach
 from arqc.passes.meta import FP32, SEMANTICS, check_semantics
-from arqc.passes.policy import Policy, apply_policy, policy_to_json
+from arqc.passes.policy import Policy, apply_policy, policy_from_json, policy_to_json
 from arqc.passes.quantize import Observed, observed_ranges, one_layer_quantized
 from arqc.passes.search.agent import DDPGConfig
 from arqc.passes.search.baselines import greedy_policy, sensitivity, uniform_policy
 from arqc.passes.search.budget import check_budget, layer_specs
 from arqc.passes.search.env import BitAllocationEnv
-from arqc.passes.search.loop import ddpg_search, random_search
+from arqc.passes.search.loop import chosen, ddpg_search, random_search, refine
 from arqc.pipeline import PreparedModel, model_identity, quantize, to_onnx
 from arqc.qat import finetune
 from arqc.rewards import AccuracyReward, CertifiedReward
@@ -72,11 +74,14 @@ class Run:
         names = [layer.name for layer in self.layers]
         self.fixed = {names[0]: 8, names[-1]: 8} if settings.keep_first_last else {}
         check_budget(self.layers, settings.budget, settings.min_bits, self.fixed)
-        if len(train) < settings.calib_images + settings.search_images:
-            raise ArqcError(f"--data has {len(train)} images; calibration and search need "
-                            f"{settings.calib_images + settings.search_images}: lower --search-images")
+        needed = settings.calib_images + settings.search_images + settings.refine_images
+        if len(train) < needed:
+            raise ArqcError(f"--data has {len(train)} images; calibration and search need {needed}: lower "
+                            "--search-images" + (" or --refine-images" if settings.refine_images else ""))
         self.calib = train.subset(num=settings.calib_images)
         self.search = train.subset(num=settings.search_images, start=settings.calib_images)
+        self.refine_set = None if not settings.refine_images else \
+            train.subset(num=settings.refine_images, start=settings.calib_images + settings.search_images)
         self.test_set = test.subset(num=min(settings.test_images, len(test)))
         self._check_args(resume)
 
@@ -125,9 +130,11 @@ class Run:
 
     @cached_property
     def episode_tune(self) -> ImageSet:
-        """The images of the per-candidate fine-tune: --data without the search images the reward scores."""
+        """The images of the per-candidate fine-tune: --data without the search and refine images the rewards
+        score."""
         s, train = self.s, self.train
-        outside = torch.cat([torch.arange(s.calib_images), torch.arange(s.calib_images + s.search_images, len(train))])
+        scored = s.calib_images + s.search_images + s.refine_images
+        outside = torch.cat([torch.arange(s.calib_images), torch.arange(scored, len(train))])
         return ImageSet(train.x[outside], train.y[outside], train.ids[outside], train.spec, train.num_classes)
 
     def candidate_sim(self, policy: Policy) -> torch.fx.GraphModule:
@@ -136,18 +143,21 @@ class Run:
         if s.episode_finetune_epochs > 0:
             tune = self.episode_tune
             finetune(sim, tune.x, tune.y, sigma=s.sigma, epochs=s.episode_finetune_epochs, lr=s.lr, seed=s.seed,
-                     progress=False, augmentation=s.finetune_augment, device=self.device)
+                     progress=False, augmentation=s.finetune_augment, device=self.device, teacher=self.prep.gm,
+                     distill=s.qat_distill)
         return sim
 
     # -- stages ----------------------------------------------------------------------------------------
-    def fp32_cache(self):
-        path, s = self.fp32_dir / "fp32_irs_cache.npz", self.s
+    def fp32_cache(self, images: ImageSet | None = None, name: str = "fp32_irs_cache.npz"):
+        """The FP32 model's IRS cache of the search images (or of ``images``, kept as ``name``)."""
+        images = self.search if images is None else images
+        path, s = self.fp32_dir / name, self.s
         backend = TorchBackend(self.prep.gm, batch_size=s.batch_size, device=self.device)
-        ids = [int(i) for i in self.search.ids]
+        ids = [int(i) for i in images.ids]
         if path.exists():
             return load_cache(path, fingerprint=backend.fingerprint(), sigma=s.sigma, n=s.cache_n, ids=ids)
         self.fp32_dir.mkdir(parents=True, exist_ok=True)
-        cache = build_cache(backend, self.search.x.numpy(), self.search.y.numpy(), ids, sigma=s.sigma,
+        cache = build_cache(backend, images.x.numpy(), images.y.numpy(), ids, sigma=s.sigma,
                             n0=s.n0, n=s.cache_n, alpha=s.alpha, batch_size=s.batch_size, seed=s.seed,
                             progress=self.progress, pool=self.pool)
         cache.save(path)
@@ -175,8 +185,26 @@ class Run:
             config = DDPGConfig(warmup=s.warmup, seed=s.seed) if demo is None else \
                 DDPGConfig(warmup=s.warmup, seed=s.seed, init_sigma=s.explore_sigma, sigma_decay=s.explore_decay)
             log = ddpg_search(env, reward, s.episodes, config, state, progress=self.progress, demo=demo)
-        best = log.best()
-        return {name: (b["w_bits"], b["a_bits"]) for name, b in best["policy"].items()}, log.episodes
+        episodes = log.episodes
+        if s.refine_images and s.method != "haq":
+            episodes = self._timed("refine", lambda: self._refine(episodes))
+        return policy_from_json(chosen(episodes)["policy"]), episodes
+
+    def _refine(self, episodes: list[dict]) -> list[dict]:
+        """Adaptive reward precision (SearchSettings.refine_images): the best candidates' reward over the search
+        images and the refine images, at the same n'. Per-image noise seeds derive from the image id, so this
+        equals the reward of a search on all those images; only the refine images are certified here."""
+        s, extra = self.s, self.refine_set
+        cache = self._timed("fp32 cache", lambda: self.fp32_cache(extra, "fp32_refine_cache.npz"))
+        more = CertifiedReward(self.candidate_sim, extra.x, extra.y, [int(i) for i in extra.ids], cache, s.search_n,
+                               s.lam, s.batch_size, make_backend=self._candidate_backend, pool=self.pool)
+        n, r = s.search_images, s.refine_images
+
+        def score(episode: dict) -> tuple[float, dict]:
+            value, info = more(policy_from_json(episode["policy"]))
+            return (n * episode["reward"] + r * value) / (n + r), {"images": n + r, **info}
+
+        return refine(episodes, score, s.refine_top, self.dir / "refine_state.pt", progress=self.progress)
 
     def _candidate_backend(self, policy: Policy) -> OrtBackend:
         """A candidate as it will be deployed: lowered to QDQ ONNX and run in onnxruntime (about twice as
@@ -222,7 +250,7 @@ class Run:
         if policy_path.exists():
             saved = json.loads(policy_path.read_text())
             self.timings.update(saved.get("timings_s", {}))  # the search ran in an earlier process
-            return {k: (v["w_bits"], v["a_bits"]) for k, v in saved["policy"].items()}, saved["episodes"]
+            return policy_from_json(saved["policy"]), saved["episodes"]
         policy, episodes = self._timed("search", self.search_policy)
         write_json(policy_path, {"semantics": SEMANTICS, "policy": policy_to_json(policy), "episodes": episodes,
                                  "timings_s": dict(self.timings)})
@@ -243,7 +271,8 @@ class Run:
         self._timed("qat", lambda: finetune(sim, ft.x, ft.y, sigma=s.sigma, epochs=s.finetune_epochs, lr=s.lr,
                                             seed=s.seed, state_path=self.dir / "qat.pt", progress=self.progress,
                                             augmentation=s.finetune_augment, device=self.device,
-                                            learned_scales=s.qat_scales == "lsq"))
+                                            learned_scales=s.qat_scales == "lsq", teacher=self.prep.gm,
+                                            distill=s.qat_distill))
         model = to_onnx(sim, replace(settings, search=asdict(s)))
         data = model.SerializeToString()
         reference = TorchBackend(sim, batch_size=s.batch_size, device=self.device) if check.verify else None
@@ -292,4 +321,4 @@ def build_report(s: SearchSettings, policy: Policy, prof, quantized: CertifyResu
 
 def search_samples(episodes: list[dict]) -> int:
     """Noisy samples the search spent over its episodes (the report's ``search_samples``)."""
-    return int(np.sum([e.get("samples", 0) for e in episodes]))
+    return int(np.sum([e.get("samples", 0) + e.get("refined", {}).get("samples", 0) for e in episodes]))

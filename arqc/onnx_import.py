@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from arqc.base import ArqcError
 from arqc.passes.lower import read_metadata
 from arqc.passes.meta import ActQuant, info, quantizable_nodes
-from arqc.passes.policy import apply_policy
+from arqc.passes.policy import apply_policy, policy_from_json
 from arqc.passes.quantize import link_grids, requant_nodes, simulate
 from arqc.pipeline import prepare_model
 from arqc.settings import CompileSettings
@@ -36,7 +36,7 @@ def simulation_from_onnx(path: str, source: str | None = None, trust_pickle: boo
                         "with --arch and --policy/--bits instead")
     settings = CompileSettings.from_json(meta["arqc.settings"])
     prep = prepare_model(source or settings.source, settings.arch, trust_pickle, tuple(settings.input_shape))
-    apply_policy(prep.gm, {k: (v["w_bits"], v["a_bits"]) for k, v in meta["arqc.policy"].items()})
+    apply_policy(prep.gm, policy_from_json(meta["arqc.policy"]))
     sim = simulate(prep.gm, [torch.zeros(1, *settings.input_shape)], scales=settings.scales)
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     producers = {out: n for n in model.graph.node for out in n.output}

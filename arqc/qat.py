@@ -4,7 +4,12 @@ augmentation at σ (as the smoothed classifier sees it) through the straight-thr
 With ``learned_scales`` the quantizers' scales are parameters too (LSQ, Esser et al. 2020: passes/quantize.py
 ``learn_scales``), trained by the same optimizer without weight decay and written back as fixed scales at the
 end, so the lowering exports exactly what was learned. Without it, activation ranges stay as calibrated and
-weight scales follow the weights (minmax) or stay as calibrated (percentile, mse). The images get the same augmentation
+weight scales follow the weights (minmax) or stay as calibrated (percentile, mse).
+
+With ``distill`` = w > 0 the loss is (1 − w)·cross-entropy + w·KL(teacher ‖ student), the teacher (the float
+model) seeing the same noisy image (knowledge distillation, Hinton et al. 2015, as in quantization-aware
+distillation): the smoothed classifier counts the base classifier's votes under noise, so the quantized model
+learns the float model's whole distribution of votes there, not only the label. The images get the same augmentation
 as ``arqc train`` (``auto``: random crops and flips for colour photos). SGD with momentum and a cosine
 schedule; one checkpoint per epoch (``state_path``) so an interrupted run resumes with the same result.
 It runs on a GPU when there is one (like ``arqc train``); batches, crops and noise are drawn on the CPU either
@@ -30,20 +35,25 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
              epochs: int, lr: float = 1e-3, batch_size: int = 128, seed: int = 0,
              state_path: str | Path | None = None, progress: bool = True,
              augmentation: str = "none", device: str | None = None,
-             learned_scales: bool = False, scale_lr: float | None = None) -> torch.fx.GraphModule:
+             learned_scales: bool = False, scale_lr: float | None = None,
+             teacher: torch.nn.Module | None = None, distill: float = 0.0) -> torch.fx.GraphModule:
     """Fine-tune ``sim`` in place on (images, labels), augmented (one of ``arqc.augment.AUGMENTS``), with noise
     N(0, σ²) added to the [0, 1] pixels, on ``device`` (default: cuda when available); ``sim`` ends on the
     CPU. ``learned_scales``: LSQ (see the module docstring), the scales at learning rate ``scale_lr`` (default:
-    ``lr``)."""
+    ``lr``). ``distill``: the weight of the distillation loss from ``teacher`` (see the module docstring)."""
     if epochs < 0 or lr <= 0 or sigma < 0:
         raise ArqcError(f"fine-tuning needs epochs >= 0, lr > 0, sigma >= 0 (got {epochs}, {lr}, {sigma})")
     if augmentation not in AUGMENTS:
         raise ArqcError(f"unknown augmentation '{augmentation}'; choose one of {', '.join(AUGMENTS)}")
+    if not 0.0 <= distill <= 1.0 or (distill > 0 and teacher is None):
+        raise ArqcError(f"distillation needs a weight in [0, 1] and a teacher (got {distill})")
     kind = resolve_augment(augmentation, images)
     if epochs == 0:
         return sim
     dev = resolve_device(device)
     sim.to(dev)
+    if distill > 0:
+        teacher.to(dev).eval()
     scales = learn_scales(sim) if learned_scales else []
     learned = {id(p) for p in scales}
     params = [p for p in sim.parameters() if p.requires_grad and id(p) not in learned]
@@ -72,6 +82,12 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
             y = labels[idx].to(dev)
             logits = sim(x.to(dev))
             loss = torch.nn.functional.cross_entropy(logits, y)
+            if distill > 0:
+                with torch.no_grad():
+                    target = torch.log_softmax(teacher(x.to(dev)), dim=1)
+                kl = torch.nn.functional.kl_div(torch.log_softmax(logits, dim=1), target, reduction="batchmean",
+                                                log_target=True)
+                loss = (1 - distill) * loss + distill * kl
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -86,6 +102,8 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
                      "gen": gen.get_state(), "epoch": epoch + 1}
             atomic_write(state_path, lambda f, state=state: torch.save(state, f))
     sim.to("cpu").eval()
+    if distill > 0:
+        teacher.to("cpu")
     if learned_scales:
         freeze_scales(sim)
     return sim

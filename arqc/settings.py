@@ -127,6 +127,11 @@ class SearchSettings:
     search_images: int = 100
     cache_n: int = 2000  # FP32 samples per search image (the IRS cache)
     search_n: int = 500  # n' of the quantized model per search image and episode
+    # adaptive reward precision: the refine_top best distinct candidates of a certified search are scored again
+    # on refine_images more training images (after the search images) and the search returns the best of them
+    # by the reward over all search_images + refine_images (0: off)
+    refine_images: int = 0
+    refine_top: int = 5
     n0: int = 100
     n: int = 100_000
     alpha: float = 0.001
@@ -142,6 +147,7 @@ class SearchSettings:
     scales: str = "float"
     calibration: str = DEFAULT_CALIBRATION  # clipping ranges of every candidate and of the result (CALIBRATIONS)
     qat_scales: str = "fixed"  # the final QAT: "fixed" (scales as calibrated) or "lsq" (learned step sizes)
+    qat_distill: float = 0.0  # weight of distillation from the FP32 model in every QAT loss (0: cross-entropy only)
     min_bits: int = 2
     max_bits: int = 8
     keep_first_last: bool = True  # HAQ keeps the first and last layer at 8 bits
@@ -159,7 +165,11 @@ class SearchSettings:
         if self.method not in METHODS:
             raise ArqcError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
         check_quant_choices(self.scales, self.calibration, self.qat_scales)
+        if not 0.0 <= self.qat_distill <= 1.0:
+            raise ArqcError(f"--qat-distill is a weight between 0 and 1, got {self.qat_distill}")
         if self.episodes < 1 or self.warmup < 0 or self.search_images < 1 or self.search_n < 1 or \
-                self.cache_n < self.search_n or self.finetune_epochs < 0 or self.episode_finetune_epochs < 0:
+                self.cache_n < self.search_n or self.finetune_epochs < 0 or self.episode_finetune_epochs < 0 or \
+                self.refine_images < 0 or self.refine_top < 1:
             raise ArqcError("need --episodes >= 1, --warmup >= 0, --search-images >= 1, --finetune-epochs >= 0, "
-                            "--episode-finetune-epochs >= 0 and --search-n <= --cache-n")
+                            "--episode-finetune-epochs >= 0, --refine-images >= 0, --refine-top >= 1 and "
+                            "--search-n <= --cache-n")

@@ -37,7 +37,7 @@ from arqc.passes.analysis import analyze
 from arqc.passes.capture import capture
 from arqc.passes.lower import lower
 from arqc.passes.meta import info, quantizable_nodes
-from arqc.passes.policy import apply_policy, uniform
+from arqc.passes.policy import apply_policy, policy_from_json, uniform
 from arqc.passes.quantize import simulate
 from arqc.runtime.backends import OpenVinoBackend
 
@@ -149,7 +149,7 @@ def main() -> None:
         policies = {"W8A8": uniform(gm, 8, 8), "W4A4": uniform(gm, 4, 4), "mixed": mixed_policy(gm)}
         if label.startswith("ResNet-20"):  # the 1.5625 % BitOps policy of examples/results (its bits only)
             saved = json.loads(ARQ_POLICY.read_text())["policy"]
-            policies["1.56%"] = {k: (v["w_bits"], v["a_bits"]) for k, v in saved.items()}
+            policies["1.56%"] = policy_from_json(saved)
         for pname, policy in policies.items():
             apply_policy(gm, policy)
             for scales in ("float", "po2"):

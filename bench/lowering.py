@@ -45,7 +45,7 @@ from arqc.loading import load_model
 from arqc.passes.analysis import analyze, profile
 from arqc.passes.capture import capture
 from arqc.passes.lower import lower
-from arqc.passes.policy import apply_policy, uniform
+from arqc.passes.policy import apply_policy, policy_from_json, uniform
 from arqc.passes.quantize import simulate
 from arqc.runtime.backends import OpenVinoBackend
 
@@ -186,7 +186,7 @@ def main() -> None:
         model, what = archs.build("resnet20"), "random weights (shared data not found)"
         calib, x, y = torch.rand(args.calib, 3, 32, 32), torch.rand(1000, 3, 32, 32).numpy(), None
     gm = analyze(capture(model, torch.zeros(1, 3, 32, 32)))
-    arq = {k: (v["w_bits"], v["a_bits"]) for k, v in json.loads(ARQ_POLICY.read_text())["policy"].items()}
+    arq = policy_from_json(json.loads(ARQ_POLICY.read_text())["policy"])
     float_onnx = arqc_onnx(gm, uniform(gm, 32, 32), calib[:1])
     models = {
         "float (arqc, 32 bits)": float_onnx,

@@ -202,6 +202,27 @@ MUTATIONS = [
              "            layer.bias.copy_(layer.effective_bias().detach() - shift.to(layer.bias.dtype))\n",
              "            layer.bias.copy_(layer.bias.detach() - shift.to(layer.bias.dtype))\n",
              ("tests/test_calibration.py",)),
+    Mutation("distillation teacher sees the clean images", "arqc/qat.py",
+             "                    target = torch.log_softmax(teacher(x.to(dev)), dim=1)\n",
+             "                    target = torch.log_softmax(teacher(images[idx].to(dev)), dim=1)\n",
+             ("tests/test_qat.py",)),
+    Mutation("distillation weight ignored", "arqc/qat.py",
+             "                loss = (1 - distill) * loss + distill * kl\n", "                loss = loss + 0 * kl\n",
+             ("tests/test_qat.py",)),
+    # adaptive reward precision (#18)
+    Mutation("refined reward forgets the search images", "arqc/arq.py",
+             '            return (n * episode["reward"] + r * value) / (n + r), {"images": n + r, **info}\n',
+             '            return value, {"images": n + r, **info}\n',
+             ("tests/test_arq.py",)),
+    Mutation("refine scores the worst candidates", "passes/search/loop.py",
+             '    rank = sorted(episodes, key=lambda e: (-e["reward"], e["episode"]))\n',
+             '    rank = sorted(episodes, key=lambda e: (e["reward"], e["episode"]))\n',
+             ("tests/test_search.py", "tests/test_arq.py")),
+    Mutation("the search returns the best coarse reward after refining", "passes/search/loop.py",
+             '    return max(refined, key=lambda e: e["refined_reward"]) if refined else '
+             'max(episodes, key=lambda e: e["reward"])\n',
+             '    return max(episodes, key=lambda e: e["reward"])\n',
+             ("tests/test_search.py",)),
 ]
 
 

@@ -28,6 +28,7 @@ from arqc.arq import Run, search_samples
 from arqc.base import ArqcError, atomic_write, write_json
 from arqc.data import load_images
 from arqc.passes.policy import policy_to_json
+from arqc.passes.search.loop import chosen
 from arqc.pipeline import prepare_model
 from arqc.runtime.cluster import RayPool, pool_for
 from arqc.settings import CALIBRATIONS, QAT_SCALES, SearchSettings
@@ -58,6 +59,10 @@ def experiment() -> None:
     p.add_argument("--search-images", type=int, default=100)
     p.add_argument("--cache-n", type=int, default=2000)
     p.add_argument("--search-n", type=int, default=500)
+    p.add_argument("--refine-images", type=int, default=0,
+                   help="adaptive reward precision: score the best candidates again on this many more training images")
+    p.add_argument("--refine-top", type=int, default=SearchSettings.refine_top,
+                   help="how many of the best distinct candidates --refine-images scores")
     p.add_argument("--test-images", type=int, default=1000)
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--n0", type=int, default=100)
@@ -71,6 +76,9 @@ def experiment() -> None:
                    help="how clipping ranges are chosen (arqc compile --calibration)")
     p.add_argument("--qat-scales", choices=QAT_SCALES, default=SearchSettings.qat_scales,
                    help="QAT with fixed or learned (LSQ) scales (arqc compile --qat-scales)")
+    p.add_argument("--qat-distill", type=float, default=SearchSettings.qat_distill,
+                   help="weight of distillation from the FP32 model in the QAT loss (arqc compile --qat-distill)")
+    p.add_argument("--lr", type=float, default=SearchSettings.lr, help="QAT learning rate (arqc compile --lr)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                    help="run the rows side by side on a Ray cluster (extra arqc[ray]): auto (the default of a bare "
@@ -92,10 +100,11 @@ def experiment() -> None:
     prep = prepare_model(args.model, images=train)
     base = SearchSettings(sigma=args.sigma, episodes=args.episodes, warmup=args.warmup,
                           search_images=args.search_images, cache_n=args.cache_n, search_n=args.search_n,
+                          refine_images=args.refine_images, refine_top=args.refine_top,
                           n0=args.n0, n=args.n, alpha=args.alpha, finetune_epochs=args.finetune_epochs,
                           test_images=args.test_images, seed=args.seed, calib_images=args.calib_images,
                           episode_finetune_epochs=args.episode_finetune_epochs, calibration=args.calibration,
-                          qat_scales=args.qat_scales)
+                          qat_scales=args.qat_scales, qat_distill=args.qat_distill, lr=args.lr)
     with pool_for(args.ray, args.ray_workers) as pool:
         run_rows(args, (prep, train, test, finetune), base, pool)
 
@@ -194,10 +203,14 @@ def write_table(args: argparse.Namespace, rows: list[tuple[str, str, dict]], fp3
              f"n = {c['n']}, n0 = {c['n0']}, α = {c['alpha']}, σ = {c['sigma']}, the same seeds for every row. "
              "Quantized rows: the compiled ONNX model in onnxruntime (ENABLE_ALL); FP32: the model in torch. "
              f"Search: {args.episodes} episodes ({args.warmup} warm-up), {args.search_images} search images from "
-             f"`{args.train}`, IRS n' = {args.search_n} against an FP32 cache of n = {args.cache_n}; "
+             f"`{args.train}`, IRS n' = {args.search_n} against an FP32 cache of n = {args.cache_n}"
+             + (f" (the best {args.refine_top} candidates scored again on {args.refine_images} more images)"
+                if args.refine_images else "") + "; "
              f"QAT {args.finetune_epochs} epoch(s) on `{args.finetune_data or args.train}` "
              "(noise σ; crops and flips for colour images, as `arqc train`), "
-             f"{'learned (LSQ)' if args.qat_scales == 'lsq' else 'fixed'} scales; {args.calibration} calibration "
+             f"{'learned (LSQ)' if args.qat_scales == 'lsq' else 'fixed'} scales, learning rate {args.lr}"
+             + (f", distilled from FP32 (weight {args.qat_distill})" if args.qat_distill else "")
+             + f"; {args.calibration} calibration "
              f"on {args.calib_images} images. "
              "First and last layer fixed at 8 bits. ARQ and HAQ play the "
              f"sensitivity-greedy policy in the last warm-up episode ({max(args.warmup - 1, 0)}, a demonstration) and "
@@ -208,11 +221,11 @@ def write_table(args: argparse.Namespace, rows: list[tuple[str, str, dict]], fp3
              "| — | FP32 | 100 | " + " | ".join(f"{100 * fp32['certified_accuracy'][r]:.1f}" for r in RADII)
              + f" | {fp32['acr']:.3f} | | |"]
     for budget_text, method, r in rows:
-        chosen = max(r["episodes"], key=lambda e: e["reward"])["episode"] if r["episodes"] else "—"
+        chosen_episode = chosen(r["episodes"])["episode"] if r["episodes"] else "—"
         label = method + (f" (= {r['shared_with']}'s policy)" if "shared_with" in r else "")
         lines.append(f"| {budget_text} | {label} | {100 * r['bitops_ratio_fp32']:.3f} | "
                      + " | ".join(f"{100 * r['certified_accuracy'][x]:.1f}" for x in RADII)
-                     + f" | {r['acr']:.3f} | {chosen} | {r['timings_s'].get('search', 0):.0f} |")
+                     + f" | {r['acr']:.3f} | {chosen_episode} | {r['timings_s'].get('search', 0):.0f} |")
     lines += policy_tables(rows)
     # a rerunnable command: options left at no value (None) are left out, as is the --table-only switch
     options = {k: v for k, v in vars(args).items() if k != "table_only" and v is not None}

@@ -52,6 +52,11 @@ def policy_to_json(policy: Policy) -> dict:
     return {layer: {"w_bits": w, "a_bits": a} for layer, (w, a) in policy.items()}
 
 
+def policy_from_json(data: dict) -> Policy:
+    """The inverse of :func:`policy_to_json`, for what arqc itself wrote (a file from elsewhere: load_policy)."""
+    return {layer: (bits["w_bits"], bits["a_bits"]) for layer, bits in data.items()}
+
+
 def uniform(gm: torch.fx.GraphModule, w_bits: int, a_bits: int) -> Policy:
     return {info(n).layer: (check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits"))
             for n in quantizable_nodes(gm)}

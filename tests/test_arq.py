@@ -120,3 +120,44 @@ def test_episode_finetune_tunes_each_candidate_outside_the_search_images(setup, 
     for images in tuned:
         assert len(images) == len(train) - s.search_images
         assert not search & {tuple(x.flatten().tolist()) for x in images}
+
+
+def test_refined_rewards_are_the_reward_on_the_search_and_refine_images_together(setup):
+    """Adaptive reward precision (--refine-images): the best distinct candidates, and only they, are scored
+    again, and each refined reward equals an independent CertifiedReward over the search and refine images
+    together (its own FP32 cache of all of them); the search returns the best refined candidate."""
+    import torch
+
+    from arqc.data import ImageSet
+    from arqc.passes.policy import policy_from_json
+    from arqc.rewards import CertifiedReward
+    from arqc.runtime.backends import TorchBackend
+    from arqc.runtime.irs import build_cache
+
+    root, prep, train, test = setup
+    with torch.inference_mode():  # labels the FP32 model gets right, so that the rewards are not all 0
+        labels = prep.gm(train.x).argmax(1)
+    train = ImageSet(train.x, labels, train.ids, train.spec, train.num_classes)
+    s = replace(SETTINGS, episodes=4, warmup=1, refine_images=10, refine_top=2, finetune_epochs=0)
+    run = Run(prep, train, test, s, root / "refine", resume=False, progress=False)
+    policy, episodes = run.policy()
+    refined = [e for e in episodes if "refined_reward" in e]
+    firsts = {}
+    for e in episodes:
+        firsts.setdefault(str(e["policy"]), e)
+    best = sorted(firsts.values(), key=lambda e: (-e["reward"], e["episode"]))[:2]
+    assert [e["episode"] for e in refined] == sorted(e["episode"] for e in best)
+    assert policy == policy_from_json(max(refined, key=lambda e: e["refined_reward"])["policy"])
+
+    both = train.subset(num=s.search_images + s.refine_images, start=s.calib_images)
+    ids = [int(i) for i in both.ids]
+    cache = build_cache(TorchBackend(prep.gm, batch_size=s.batch_size), both.x.numpy(), both.y.numpy(), ids,
+                        sigma=s.sigma, n0=s.n0, n=s.cache_n, alpha=s.alpha, batch_size=s.batch_size, seed=s.seed,
+                        progress=False)
+    oracle = CertifiedReward(run.candidate_sim, both.x, both.y, ids, cache, s.search_n, s.lam, s.batch_size,
+                             make_backend=run._candidate_backend)
+    for e in refined:
+        assert e["refined_reward"] == pytest.approx(oracle(policy_from_json(e["policy"]))[0], abs=1e-12)
+        assert e["refined"]["images"] == 16
+    assert any(e["refined_reward"] > 0 for e in refined)
+    assert any(e["refined_reward"] != e["reward"] for e in refined)  # the refine images count

@@ -99,3 +99,53 @@ def test_qat_on_a_gpu_draws_the_same_batches_and_ends_on_the_cpu():
     cpu, gpu = _tuned(3, "crop-flip", "cpu"), _tuned(3, "crop-flip", "cuda")
     assert all(v.device.type == "cpu" for v in gpu.values())
     assert all(torch.allclose(cpu[k], gpu[k], atol=1e-4) for k in cpu)
+
+
+class _Recorder(torch.nn.Module):
+    """A net that keeps every batch it is called on."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net, self.seen = net, []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return self.net(x)
+
+
+def _distilled(weight: float, sigma: float = 0.0, epochs: int = 60, augmentation: str = "none"
+               ) -> tuple[_Recorder, _Recorder, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    student, teacher = _Recorder(_Net(3)), _Recorder(_Net(3))
+    with torch.no_grad():  # a confident teacher: its votes are its argmax
+        teacher.net.fc.weight.mul_(20)
+        teacher.net.fc.bias.mul_(20)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.rand(24, 3, 8, 8, generator=gen), torch.arange(24) % 3
+    finetune(student, x, y, sigma=sigma, epochs=epochs, lr=0.1, batch_size=8, progress=False, augmentation=augmentation,
+             device="cpu", teacher=teacher, distill=weight)
+    return student, teacher, x, y
+
+
+def test_distillation_teaches_the_teachers_votes_on_the_same_noisy_images():
+    # the teacher (a random net) and the labels disagree on most images: the weight decides which is learned
+    cross_entropy, _, x, y = _distilled(0.0)
+    distilled, teacher, _, _ = _distilled(1.0)
+    with torch.no_grad():
+        votes = teacher.net(x).argmax(1)
+        assert (votes == y).float().mean() < 0.6
+        assert (cross_entropy.net(x).argmax(1) == y).float().mean() >= 0.9
+        assert (distilled.net(x).argmax(1) == votes).float().mean() >= 0.9
+    assert not teacher.net.training  # the teacher is evaluated, never trained
+    # the teacher sees exactly the student's noisy, augmented batches
+    student, teacher, _, _ = _distilled(0.5, sigma=0.25, epochs=1, augmentation="crop-flip")
+    assert len(teacher.seen) == len(student.seen) == 3
+    assert all(torch.equal(a, b) for a, b in zip(student.seen, teacher.seen, strict=True))
+
+
+def test_distillation_needs_a_teacher_and_a_weight_in_range():
+    gm = torch.fx.symbolic_trace(_Net(1))
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 3
+    for weight, teacher in [(0.5, None), (1.5, gm), (-0.1, gm)]:
+        with pytest.raises(ArqcError, match="distillation needs a weight in"):
+            finetune(gm, x, y, sigma=0.25, epochs=1, teacher=teacher, distill=weight, progress=False)

@@ -175,3 +175,33 @@ def test_float_ranges_give_the_calibrated_simulation_of_single_layer_policies():
             calibrated = simulate(apply_policy(gm, policy), calibration)(x)
             reused = simulate(apply_policy(gm, policy), [], ranges=ranges)(x)
             assert torch.equal(calibrated, reused)
+
+
+def _episodes(rewards: list[float], policies: list[int]) -> list[dict]:
+    return [{"episode": i, "policy": {"l": {"w_bits": p, "a_bits": p}}, "reward": r}
+            for i, (r, p) in enumerate(zip(rewards, policies, strict=True))]
+
+
+def test_refine_scores_the_best_distinct_policies_once_and_resumes(tmp_path):
+    from arqc.passes.search.loop import chosen, refine
+
+    # policies 4 (episodes 0, 3), 5 (1, 2), 7: the best distinct are 7 (0.30), 4 (0.29: episode 0, the first of the
+    # equals) and 5 (0.28 in episode 2)
+    episodes = _episodes([0.29, 0.20, 0.28, 0.29, 0.30], [4, 5, 5, 4, 7])
+    calls = []
+
+    def score(e):
+        calls.append(e["episode"])
+        if len(calls) == 2 and "stop" in score.__dict__:
+            raise KeyboardInterrupt
+        return {7: 0.25, 4: 0.27, 5: 0.26}[e["policy"]["l"]["w_bits"]], {"images": 9}
+
+    score.stop = True
+    with pytest.raises(KeyboardInterrupt):
+        refine(episodes, score, top=3, state_path=tmp_path / "refine.pt", progress=False)
+    del score.stop
+    out = refine(episodes, score, top=3, state_path=tmp_path / "refine.pt", progress=False)
+    assert calls == [4, 0, 0, 2]  # the first candidate's score was kept across the interruption
+    assert [e.get("refined_reward") for e in out] == [0.27, None, 0.26, None, 0.25]
+    assert chosen(out)["episode"] == 0  # the best refined, not the best coarse reward (episode 4)
+    assert chosen(episodes)["episode"] == 4 and "refined_reward" not in episodes[0]  # the input is not changed

@@ -45,6 +45,11 @@ def search_options(f):
                      help="FP32 samples per search image (the IRS cache)."),
         click.option("--search-n", type=int, default=d.search_n, show_default=True,
                      help="Samples of each candidate per search image (IRS n')."),
+        click.option("--refine-images", type=int, default=d.refine_images, show_default=True,
+                     help="Adaptive reward precision: score the --refine-top best candidates again on this many "
+                     "more --data images (after the search images) and return the best of them (0 = off)."),
+        click.option("--refine-top", type=int, default=d.refine_top, show_default=True,
+                     help="How many of the best distinct candidates --refine-images scores again."),
         click.option("--lam", type=float, default=d.lam, show_default=True,
                      help="Weight of clean smoothed accuracy in the ARQ reward."),
         click.option("--finetune-epochs", type=int, default=d.finetune_epochs, show_default=True,
@@ -58,6 +63,9 @@ def search_options(f):
         click.option("--qat-scales", type=click.Choice(QAT_SCALES), default=d.qat_scales, show_default=True,
                      help="QAT with the scales as calibrated (fixed) or learned with them (lsq: learned "
                      "step sizes, exported exactly)."),
+        click.option("--qat-distill", type=float, default=d.qat_distill, show_default=True,
+                     help="Weight in [0, 1] of distillation from the FP32 model on the same noisy images in the "
+                     "QAT loss (the rest is cross-entropy with the labels)."),
         click.option("--device", help="Where QAT, fine-tunes and the FP32 model's sampling run: cpu or cuda[:N] "
                      "[default: cuda when available]. Candidates run in onnxruntime on the CPU."),
         click.option("--workdir", help="Where the stages are kept [default: OUTPUT.arqc/]."),
@@ -94,8 +102,8 @@ def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bit
              calib_images, scales, calibration, int4_weights, report_path, epsilon, calib_sigma, sigma, runtime,
              compare_runtime, verify, test_data,
              num_images, n, n0, alpha, max_disagreement, seed, budget, method, episodes, warmup, demo, search_images,
-             cache_n, search_n, lam, finetune_epochs, finetune_data, episode_finetune_epochs, lr, qat_scales, device,
-             workdir,
+             cache_n, search_n, refine_images, refine_top, lam, finetune_epochs, finetune_data,
+             episode_finetune_epochs, lr, qat_scales, qat_distill, device, workdir,
              resume, html_path, ray_address, ray_workers, chunk):
     """Quantize MODEL and lower it to a QDQ ONNX model: at a fixed precision (--bits, --w-bits/--a-bits,
     --policy), or at the precision an ARQ search finds under a BitOps --budget (with --sigma and no precision
@@ -123,9 +131,10 @@ def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bit
             raise ArqcError("--resume, --workdir and --html belong to a search: add --budget")
     else:
         search = SearchSettings(method=method, budget=parse_budget(budget), episodes=episodes, warmup=warmup,
-                                demo=demo, search_images=search_images, cache_n=cache_n, search_n=search_n, lam=lam,
+                                demo=demo, search_images=search_images, cache_n=cache_n, search_n=search_n,
+                                refine_images=refine_images, refine_top=refine_top, lam=lam,
                                 finetune_epochs=finetune_epochs, episode_finetune_epochs=episode_finetune_epochs,
-                                lr=lr, qat_scales=qat_scales, device=device)
+                                lr=lr, qat_scales=qat_scales, qat_distill=qat_distill, device=device)
         workdir = workdir or f"{output}.arqc"
     result = api.compile(model, data, arch=arch, input_shape=parse_shape(input_shape), trust_pickle=trust_pickle,
                          bits=bits, w_bits=w_bits, a_bits=a_bits, policy=policy_path,

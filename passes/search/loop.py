@@ -7,6 +7,7 @@ interrupted search resumed with the same arguments gives the same result as an u
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,39 @@ class SearchLog:
 
     def best(self) -> dict:
         return max(self.episodes, key=lambda e: e["reward"])
+
+
+def chosen(episodes: list[dict]) -> dict:
+    """The episode whose policy a search returns: the best refined reward when its best candidates were scored
+    again (:func:`refine`), otherwise the best reward."""
+    refined = [e for e in episodes if "refined_reward" in e]
+    return max(refined, key=lambda e: e["refined_reward"]) if refined else max(episodes, key=lambda e: e["reward"])
+
+
+def refine(episodes: list[dict], score: Callable[[dict], tuple[float, dict]], top: int,
+           state_path: Path | None = None, signature: dict | None = None, progress: bool = True) -> list[dict]:
+    """Adaptive reward precision: the ``top`` distinct policies with the best rewards are scored again by
+    ``score`` (episode → (refined reward, info): a more precise reward, too costly for every episode). The
+    policy's best episode (the first of equals) gets ``refined_reward`` and ``refined`` (the info);
+    :func:`chosen` then picks among them. Resumable candidate by candidate through ``state_path``."""
+    rank = sorted(episodes, key=lambda e: (-e["reward"], e["episode"]))
+    distinct: dict[str, dict] = {}
+    for e in rank:
+        distinct.setdefault(json.dumps(e["policy"], sort_keys=True), e)
+    best = list(distinct.values())[:top]
+    signature = {"kind": "refine", "semantics": SEMANTICS, "top": top,
+                 "candidates": [e["episode"] for e in best], **(signature or {})}
+    state = _load_state(state_path, signature)
+    done: dict[int, list] = state["done"] if state is not None else {}
+    for e in tqdm(best, desc="refine", disable=not progress):
+        if e["episode"] not in done:
+            done[e["episode"]] = list(score(e))
+            _save_state(state_path, {"signature": signature, "done": done})
+    out = [dict(e) for e in episodes]
+    for e in out:
+        if e["episode"] in done:
+            e["refined_reward"], e["refined"] = done[e["episode"]]
+    return out
 
 
 def _record(env: BitAllocationEnv, policy: Policy, reward: float, info: dict, episode: int) -> dict:
