@@ -49,7 +49,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.fx
@@ -135,6 +135,24 @@ def _check_calibration(calibration: str) -> None:
         raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
 
 
+def _best_clip_ratio(errors_of: Callable[[torch.Tensor], torch.Tensor], channels: int) -> torch.Tensor:
+    """mse calibration's search, per channel (or per tensor: one channel): the shrink factor of the observed range
+    with the least squared error, over :data:`CLIP_RATIOS` and then a grid ten times finer around the best one.
+    ``errors_of`` maps a (channels, candidates) tensor of ratios to their errors; the first of equal errors
+    wins, and a finer ratio only when it is strictly better."""
+    step = float(CLIP_RATIOS[1] - CLIP_RATIOS[0])
+    ratios = CLIP_RATIOS.expand(channels, -1)
+    best, err = torch.ones(channels), torch.full((channels,), math.inf)
+    for _ in range(2):
+        errors = errors_of(ratios)
+        i = torch.argmin(errors, dim=1, keepdim=True)
+        e, ratio = errors.gather(1, i)[:, 0], ratios.gather(1, i)[:, 0]
+        better = e < err
+        best, err = torch.where(better, ratio, best), torch.where(better, e, err)
+        ratios = (best[:, None] + step * torch.linspace(-1, 1, 21)).clamp(max=1.0)
+    return best
+
+
 def weight_scale(weight: torch.Tensor, bits: int, scales: str = "float", calibration: str = "minmax"
                  ) -> torch.Tensor:
     """Per-output-channel symmetric scale, float32, shaped to broadcast against the weight: the channel's
@@ -147,21 +165,17 @@ def weight_scale(weight: torch.Tensor, bits: int, scales: str = "float", calibra
     if calibration == "percentile":
         amax = torch.quantile(w.abs(), PERCENTILE / 100, dim=1)
     elif calibration == "mse":
-        best, err = amax.clone(), torch.full_like(amax, math.inf)
-        step = float(CLIP_RATIOS[1] - CLIP_RATIOS[0])
-        ratios = CLIP_RATIOS.expand(len(amax), -1)
-        for _ in range(2):  # the grid, then a finer one around each channel's best ratio
+        def errors_of(ratios: torch.Tensor) -> torch.Tensor:  # channel by channel: (C, K) candidate bounds at once
+            errors = []
             for ratio in ratios.T:
                 bound = amax * ratio
                 s = torch.where(bound > 0, bound / qmax, torch.ones_like(bound))
                 if scales == "po2":
                     s = _po2(s)
-                e = ((torch.round(w / s[:, None]).clamp(-qmax, qmax) * s[:, None] - w) ** 2).sum(1)
-                better = e < err
-                best, err = torch.where(better, bound, best), torch.where(better, e, err)
-            chosen = torch.where(amax > 0, best / amax, torch.ones_like(amax))
-            ratios = (chosen[:, None] + torch.linspace(-step, step, 21)).clamp(max=1.0)
-        amax = best
+                errors.append(((torch.round(w / s[:, None]).clamp(-qmax, qmax) * s[:, None] - w) ** 2).sum(1))
+            return torch.stack(errors, 1)
+
+        amax = amax * _best_clip_ratio(errors_of, len(amax))
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     if scales == "po2":
         scale = _po2(scale)
@@ -221,19 +235,16 @@ class Observed:
             q = torch.quantile(self.sample, torch.tensor([1 - PERCENTILE / 100, PERCENTILE / 100])).tolist()
             return (min(q[0], 0.0) if signed else 0.0), max(q[1], 0.0)
         if calibration == "mse" and hi > lo:
-            x, err, best = self.sample, math.inf, 1.0
-            step = float(CLIP_RATIOS[1] - CLIP_RATIOS[0])
-            ratios = CLIP_RATIOS.tolist()
-            for _ in range(2):  # the grid, then a finer one around the best ratio; all candidates at once
-                grids = [act_quant(lo * r, hi * r, bits, signed, scales) for r in ratios]
+            x = self.sample
+
+            def errors_of(ratios: torch.Tensor) -> torch.Tensor:  # every candidate range in one tensor pass
+                grids = [act_quant(lo * r, hi * r, bits, signed, scales) for r in ratios[0].tolist()]
                 scale = torch.tensor([a.scale for a in grids], dtype=torch.float32)[:, None]
                 zero = torch.tensor([float(a.zero_point) for a in grids])[:, None]
                 q = torch.clamp(torch.round(x / scale) + zero, grids[0].qmin, grids[0].qmax)
-                errors = (((q - zero) * scale - x) ** 2).sum(1)
-                i = int(torch.argmin(errors))  # the first of equal errors, as the grid is ordered
-                if float(errors[i]) < err:
-                    err, best = float(errors[i]), ratios[i]
-                ratios = [r for r in (best + step * torch.linspace(-1, 1, 21)).tolist() if r <= 1.0]
+                return (((q - zero) * scale - x) ** 2).sum(1)[None]
+
+            best = float(_best_clip_ratio(errors_of, 1)[0])
             return lo * best, hi * best
         return lo, hi
 
