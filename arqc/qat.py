@@ -78,13 +78,13 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
         bar = tqdm(order.split(batch_size), desc=f"QAT epoch {epoch + 1}/{epochs}", disable=not progress)
         for idx in bar:
             x = augment(images[idx], kind, gen)
-            x = x + sigma * torch.randn(x.shape, generator=gen)
+            x = (x + sigma * torch.randn(x.shape, generator=gen)).to(dev)  # noise drawn on the CPU (module docstring)
             y = labels[idx].to(dev)
-            logits = sim(x.to(dev))
+            logits = sim(x)
             loss = torch.nn.functional.cross_entropy(logits, y)
             if distill > 0:
                 with torch.no_grad():
-                    target = torch.log_softmax(teacher(x.to(dev)), dim=1)
+                    target = torch.log_softmax(teacher(x), dim=1)
                 kl = torch.nn.functional.kl_div(torch.log_softmax(logits, dim=1), target, reduction="batchmean",
                                                 log_target=True)
                 loss = (1 - distill) * loss + distill * kl

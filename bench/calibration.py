@@ -35,26 +35,36 @@ def noisy_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, sig
     return correct / (draws * len(x))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def noisy_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a bench that scores quantized models with :func:`noisy_accuracy` (also bench/qat.py)."""
     p.add_argument("--model", default="examples/models/resnet20_cifar10_sigma025.pt")
     p.add_argument("--train", required=True, help="calibration images (the first --calib-images)")
     p.add_argument("--test", required=True, help="held-out test images")
-    p.add_argument("--policy", action="append", default=[], help="policy files (a search's policy.json)")
-    p.add_argument("--uniform", default="4,3", help="uniform WbAb policies to add, comma-separated bits")
     p.add_argument("--sigma", type=float, default=0.25)
     p.add_argument("--calib-images", type=int, default=256)
     p.add_argument("--test-images", type=int, default=500)
     p.add_argument("--draws", type=int, default=4)
-    args = p.parse_args()
+
+
+def noisy_eval_inputs(args: argparse.Namespace):
+    """(calibration images, prepared model, test images, test labels, what the score is) for
+    :func:`noisy_eval_arguments`."""
     train, test = load_images(args.train), load_images(args.test).subset(num=args.test_images)
-    prep = prepare_model(args.model, images=train)
-    x, y = test.x, test.y
-    samples = args.draws * len(x)
-    se = 100 * math.sqrt(0.25 / samples)
-    print(f"{args.model}: top-1 of the base classifier on {len(x)} test images x {args.draws} noise draws "
-          f"(sigma={args.sigma}, {samples} samples, SE <= {se:.1f} points); calibration: the first "
-          f"{args.calib_images} --train images with noise sigma; no QAT")
+    samples = args.draws * len(test)
+    measure = (f"top-1 of the base classifier on {len(test)} test images x {args.draws} noise draws "
+               f"(sigma={args.sigma}, {samples} samples, SE <= {100 * math.sqrt(0.25 / samples):.1f} points)")
+    return train, prepare_model(args.model, images=train), test.x, test.y, measure
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    noisy_eval_arguments(p)
+    p.add_argument("--policy", action="append", default=[], help="policy files (a search's policy.json)")
+    p.add_argument("--uniform", default="4,3", help="uniform WbAb policies to add, comma-separated bits")
+    args = p.parse_args()
+    train, prep, x, y, measure = noisy_eval_inputs(args)
+    print(f"{args.model}: {measure}; calibration: the first {args.calib_images} --train images with noise sigma; "
+          "no QAT")
     print(f"FP32: {100 * noisy_accuracy(prep.gm, x, y, args.sigma, args.draws):.1f} %")
     policies = [(path, load_policy(path)) for path in args.policy]
     policies += [(f"uniform W{b}A{b}", uniform(prep.gm, int(b), int(b))) for b in args.uniform.split(",") if b]

@@ -203,7 +203,7 @@ MUTATIONS = [
              "            layer.bias.copy_(layer.bias.detach() - shift.to(layer.bias.dtype))\n",
              ("tests/test_calibration.py",)),
     Mutation("distillation teacher sees the clean images", "arqc/qat.py",
-             "                    target = torch.log_softmax(teacher(x.to(dev)), dim=1)\n",
+             "                    target = torch.log_softmax(teacher(x), dim=1)\n",
              "                    target = torch.log_softmax(teacher(images[idx].to(dev)), dim=1)\n",
              ("tests/test_qat.py",)),
     Mutation("distillation weight ignored", "arqc/qat.py",

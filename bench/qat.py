@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import time
 
 import torch
-from calibration import noisy_accuracy
+from calibration import noisy_accuracy, noisy_eval_arguments, noisy_eval_inputs
 
 from arqc.data import load_images
 from arqc.passes.policy import load_policy
-from arqc.pipeline import prepare_model, quantize
+from arqc.pipeline import quantize
 from arqc.qat import finetune
 
 
@@ -40,35 +39,24 @@ def parse_variants(text: str) -> list[tuple[str, float, float]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="examples/models/resnet20_cifar10_sigma025.pt")
-    p.add_argument("--train", required=True, help="calibration images (the first --calib-images)")
+    noisy_eval_arguments(p)
     p.add_argument("--finetune", help="QAT images [default: --train]")
     p.add_argument("--train-images", type=int, help="QAT on the first N --finetune images (a fixed-seed shuffle)")
-    p.add_argument("--test", required=True, help="held-out test images")
     p.add_argument("--policy", required=True, help="a policy file (a search's policy.json)")
     p.add_argument("--calibration", default="mse")
     p.add_argument("--variants", default="fixed:0:1e-3,lsq:0:1e-3,lsq:1:1e-3",
                    help="QAT variants SCALES:DISTILL:LR (scales fixed or lsq; distillation weight; learning rate)")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--sigma", type=float, default=0.25)
-    p.add_argument("--calib-images", type=int, default=256)
-    p.add_argument("--test-images", type=int, default=500)
-    p.add_argument("--draws", type=int, default=4)
     args = p.parse_args()
-    train, test = load_images(args.train), load_images(args.test).subset(num=args.test_images)
+    train, prep, x, y, measure = noisy_eval_inputs(args)
     tune = load_images(args.finetune) if args.finetune else train
     if args.train_images:
         order = torch.randperm(len(tune), generator=torch.Generator().manual_seed(0))[:args.train_images]
         tune_x, tune_y = tune.x[order], tune.y[order]
     else:
         tune_x, tune_y = tune.x, tune.y
-    prep = prepare_model(args.model, images=train)
-    x, y = test.x, test.y
-    samples = args.draws * len(x)
-    print(f"{args.model}, policy {args.policy}, {args.calibration} calibration: top-1 of the base classifier on "
-          f"{len(x)} test images x {args.draws} noise draws (sigma={args.sigma}, {samples} samples, SE <= "
-          f"{100 * math.sqrt(0.25 / samples):.1f} points); QAT {args.epochs} epoch(s) on {len(tune_x)} images of "
-          f"{args.finetune or args.train}, seed 0")
+    print(f"{args.model}, policy {args.policy}, {args.calibration} calibration: {measure}; QAT {args.epochs} "
+          f"epoch(s) on {len(tune_x)} images of {args.finetune or args.train}, seed 0")
     print(f"FP32: {100 * noisy_accuracy(prep.gm, x, y, args.sigma, args.draws):.1f} %")
     start = quantize(prep, load_policy(args.policy), train, args.calib_images, calib_sigma=args.sigma,
                      clipping=args.calibration)
