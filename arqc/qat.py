@@ -3,8 +3,10 @@ augmentation at σ (as the smoothed classifier sees it) through the straight-thr
 
 With ``learned_scales`` the quantizers' scales are parameters too (LSQ, Esser et al. 2020: passes/quantize.py
 ``learn_scales``), trained by the same optimizer without weight decay and written back as fixed scales at the
-end, so the lowering exports exactly what was learned. Without it, activation ranges stay as calibrated and
-weight scales follow the weights (minmax) or stay as calibrated (percentile, mse).
+end, so the lowering exports exactly what was learned, then moved off rounding ties like calibrated ones
+(passes/quantize.py ``avoid_ties``, on the first images with noise at σ from a fixed seed). Without it,
+activation ranges stay as calibrated and weight scales follow the weights (minmax) or stay as calibrated
+(percentile, mse).
 
 With ``distill`` = w > 0 the loss is (1 − w)·cross-entropy + w·KL(teacher ‖ student), the teacher (the float
 model) seeing the same noisy image (knowledge distillation, Hinton et al. 2015, as in quantization-aware
@@ -27,7 +29,7 @@ from tqdm import tqdm
 
 from arqc.augment import AUGMENTS, augment, resolve_augment
 from arqc.base import ArqcError, atomic_write
-from arqc.passes.quantize import clamp_scales, freeze_scales, learn_scales
+from arqc.passes.quantize import TIE_IMAGES, avoid_ties, clamp_scales, freeze_scales, learn_scales
 from arqc.runtime.devices import resolve_device
 
 
@@ -106,4 +108,6 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
         teacher.to("cpu")
     if learned_scales:
         freeze_scales(sim)
+        x = images[:TIE_IMAGES]  # learned scales are float scales (learn_scales refuses po2)
+        avoid_ties(sim, x + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)))
     return sim

@@ -19,15 +19,20 @@ from arqc.passes.meta import info, quantizable_nodes
 from arqc.passes.policy import apply_policy
 from arqc.passes.quantize import (
     CALIBRATIONS,
+    TIE_MARGIN,
+    TIE_STEP,
+    TIE_TRIES,
     Observed,
     QuantLayer,
     Requant,
     act_quant,
+    avoid_ties,
     correct_biases,
     fake_quant,
     freeze_scales,
     learn_scales,
     lsq_fake_quant,
+    off_ties,
     simulate,
     weight_scale,
 )
@@ -213,3 +218,61 @@ def test_bias_correction_matches_the_float_means_and_lowers_exactly():
     session = ort.InferenceSession(lower(sim).SerializeToString(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         assert np.array_equal(session.run(None, {"input": x.numpy()})[0], sim(x).numpy())
+
+
+def _tie_distances(x: torch.Tensor, scale: float) -> np.ndarray:
+    """|x/s - (nearest half-integer)| in float64: the oracle for how close each value is to a rounding tie."""
+    v = x.double().numpy() / scale
+    return np.abs(v - np.floor(v) - 0.5)
+
+
+def test_scales_move_off_exact_ties_and_only_then():
+    """Values on a lattice (integers times one scale, as an integer layer's outputs are) with min/max: the maximum,
+    254 units, maps to the last code 255, so 127 units map to 127.5, a tie in exact arithmetic. off_ties moves
+    the scale by the fewest TIE_STEPs that leave no value within TIE_MARGIN of a tie, and leaves a tie-free scale
+    alone."""
+    gen = torch.Generator().manual_seed(0)
+    unit = 0.0123
+    lattice = unit * torch.randint(0, 255, (5000,), generator=gen).float()  # integers times one scale
+    hi = unit * 254
+    x = torch.cat([lattice, torch.tensor([hi])])
+    act = act_quant(0.0, float(x.max()), 8, False)
+    before = _tie_distances(x, act.scale)
+    assert (before < TIE_MARGIN).sum() >= 5  # the draws of 127 units
+    moved = off_ties(x, act)
+    after = _tie_distances(x, moved.scale)
+    assert after.min() >= TIE_MARGIN
+    assert moved.scale != act.scale and abs(moved.scale / act.scale - 1) <= TIE_TRIES * TIE_STEP + 1e-9
+    assert np.float32(moved.scale) == moved.scale  # a float32 scale, as the ONNX file stores it
+    assert (moved.zero_point, moved.qmin, moved.qmax) == (act.zero_point, act.qmin, act.qmax)
+    assert moved.method == "minmax, off ties"
+    generic = torch.rand(5000, generator=gen) * hi
+    plain = act_quant(0.0, float(generic.max()), 8, False)
+    if _tie_distances(generic, plain.scale).min() >= TIE_MARGIN:
+        assert off_ties(generic, plain) is plain
+
+
+def test_avoid_ties_leaves_no_computed_value_on_a_tie():
+    """On a calibrated float-scale network, every rounding step (input quantizers and requant nodes) sees its
+    inputs, as computed with the moved scales before it, at least TIE_MARGIN from a tie, and the grid-input
+    layers read their grid's moved scale."""
+    torch.manual_seed(0)
+    spec = NetSpec((3, 8, 8), width=4)
+    sim = build_sim(spec, policy_seed=0, bits=(4, 8))
+    x = torch.rand(64, *spec.shape)
+    avoid_ties(sim, x)
+    seen = {}
+    quantizers = [m for m in sim.modules() if isinstance(m, QuantLayer | Requant) and m.act is not None]
+    hooks = [m.register_forward_pre_hook(lambda m, inp: seen.setdefault(m, inp[0].detach())) for m in quantizers]
+    with torch.no_grad():
+        sim(x)
+    for h in hooks:
+        h.remove()
+    for m, inp in seen.items():
+        if isinstance(m, QuantLayer) and m.grid_input:
+            assert m.act is sim.get_submodule(m.grid_source).act
+            continue
+        a = m.act
+        v = inp.double().numpy() / a.scale
+        inside = (np.round(v) + a.zero_point >= a.qmin) & (np.round(v) + a.zero_point <= a.qmax)
+        assert _tie_distances(inp, a.scale)[inside].min() >= TIE_MARGIN * 0.99, type(m).__name__
