@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import assert_one_error_line, run_cli
+from onnx import TensorProto, helper, numpy_helper
 
 from arqc.base import ArqcError
 from arqc.passes.analysis import analyze
@@ -174,6 +175,48 @@ def test_float_scales_off_ties_agree_on_a_model_with_close_logits(akamaster_resn
              (("openvino", "torch"), ("openvino", "onnxruntime"), ("onnxruntime", "torch"))}
     print("akamaster W4A4 min/max noisy (n=1000): " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in pairs.items()))
     assert min(pairs.values()) >= 0.995, pairs
+
+
+def test_input_quantizers_round_before_the_zero_point_in_every_runtime(resnet20):
+    """ONNX's QuantizeLinear is round(x/s) + z; OpenVINO's CPU plugin rounds x/s + z in float32, so with a nonzero
+    zero point a value just above a tie (k + 0.5 + 2^-19) lands on the tie z + k + 0.5 and rounds to even. The
+    oracle is the spec's formula in numpy. arqc lowers a quantizer of float values with a nonzero container zero
+    point as Div → Round → Mul → QuantizeLinear (passes/lower.py quantize_activation), the same function, and
+    then OpenVINO, onnxruntime and the po2 simulation of a random ResNet-20 at W4A4 agree bit for bit on inputs
+    whose normalized pixels are exactly such values."""
+    import openvino as ov
+
+    scale, zero = np.float32(2.0 ** -3), 136
+    v = (np.arange(-8, 7) + 0.5 + 2.0 ** -19).astype(np.float32)  # exact in float32; none is a tie
+    x = v * scale
+    spec = np.clip(np.round(x / scale) + zero, 0, 255)
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])], "q",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [len(x)])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [len(x)])],
+        [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(np.uint8(zero), "z")])
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]).SerializeToString()
+    import onnxruntime as ort
+    assert (ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0] == spec).all()
+    core = ov.Core()
+    got = core.compile_model(core.read_model(data, b""), "CPU")(x)[0]
+    assert (got != spec).any(), "OpenVINO now follows the spec here: the Round in front of it can go"
+
+    gm, calibration, _ = resnet20
+    apply_policy(gm, uniform(gm, 4, 4))
+    sim = simulate(gm, [calibration], scales="po2")
+    act = sim.get_submodule(quantizable_nodes(sim)[0].target).act
+    assert act.zero_point + 128 != 0
+    mean, std = (sim.get_buffer(n).double() for n in ("normalize.mean", "normalize.std"))
+    g = torch.Generator().manual_seed(0)
+    k = torch.randint(act.qmin - act.zero_point, act.qmax - act.zero_point, (100, 3, 32, 32), generator=g)
+    inputs = (((k + 0.5 + 2.0 ** -19) * act.scale) * std + mean).float()  # normalized: just above a tie
+    steps = ((inputs - mean.float()) / std.float()) / act.scale
+    assert ((steps - k - 0.5 > 0) & (steps - k - 0.5 < 2.0 ** -17)).float().mean() > 0.5
+    data = lower(sim, {"scales": "po2"}).SerializeToString()
+    ref = logits(TorchBackend(sim, device="cpu"), inputs)
+    assert np.array_equal(logits(OrtBackend(data, intra_op_threads=1), inputs), ref)
+    assert np.array_equal(logits(OpenVinoBackend(data, threads=1), inputs), ref)
 
 
 def test_backend_fingerprint_names_the_runtime(resnet20):
