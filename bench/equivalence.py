@@ -1,8 +1,9 @@
 """How exactly onnxruntime and OpenVINO compute what arqc's torch simulation computes: the agreement table.
 
 For each model × policy (W8A8, W4A4, random mixed bits, and for ResNet-20 the 1.5625 % BitOps policy of
-examples/results/arq_cifar10.md) × scales, the simulated (fake-quantized) torch model and its QDQ ONNX lowering run
-on the same noisy inputs (clean test image + N(0, σ²) in pixel space); onnxruntime (CPU) runs at
+examples/results/arq_cifar10.md) × scales, the simulated (fake-quantized) torch model (calibrated by
+``--calibration``, arqc compile's default unless given) and its QDQ ONNX lowering run on the same inputs: noisy
+ones (clean test image + N(0, σ²) in pixel space) and, for ResNet-20, the clean test images; onnxruntime (CPU) runs at
 ORT_DISABLE_ALL and at ORT_ENABLE_ALL (fused integer kernels), OpenVINO (CPU plugin, extra arqc[openvino]) the
 same file. Columns: top-1 agreement with torch, the median and max of the relative logit difference
 |runtime − torch| / max_k |torch_k| (per image) over all logits, and the share of bit-identical images; then
@@ -40,6 +41,7 @@ from arqc.passes.meta import info, quantizable_nodes
 from arqc.passes.policy import apply_policy, policy_from_json, uniform
 from arqc.passes.quantize import simulate
 from arqc.runtime.backends import OpenVinoBackend
+from arqc.settings import CALIBRATIONS, DEFAULT_CALIBRATION
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ARQ_POLICY = Path(__file__).resolve().parents[1] / "examples/results/arq_cifar10_runs/arq_1.5625/policy.json"
@@ -97,8 +99,8 @@ def settle_batchnorm(model: torch.nn.Module, images: torch.Tensor) -> torch.nn.M
     return model.eval()
 
 
-def setups(args) -> list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor]]:
-    """(label, model, calibration images, noisy test inputs) per model."""
+def setups(args) -> list[tuple[str, torch.nn.Module, torch.Tensor, dict[str, torch.Tensor]]]:
+    """(label, model, calibration images, {"noisy": inputs[, "clean": inputs]}) per model."""
     train = load_images(f"npz:{args.data / 'cifar10/train_first2000_lossless.npz'}").x[:args.calib]
     test = load_images(f"npz:{args.data / 'cifar10/test_first1000_lossless.npz'}").x
     g = torch.Generator().manual_seed(0)
@@ -107,11 +109,11 @@ def setups(args) -> list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor]
         weights = args.data / "weights/akamaster-resnet-cifar10/resnet20-12fca82f.th"
         model = load_model(str(weights), "resnet20").model
         x = test[:args.n] + args.sigma * torch.randn(test[:args.n].shape, generator=g)
-        out.append(("ResNet-20 (akamaster) 32x32", model, train, x))
+        out.append(("ResNet-20 (akamaster) 32x32", model, train, {"noisy": x, "clean": test[:args.n]}))
     if "resnet20_sigma025" in args.models.split(","):  # the shipped noise-trained model: what certification runs
         model = load_model(str(SHIPPED), "resnet20").model
         x = test[:args.n] + args.sigma * torch.randn(test[:args.n].shape, generator=g)
-        out.append(("ResNet-20 (shipped, sigma 0.25)", model, train, x))
+        out.append(("ResNet-20 (shipped, sigma 0.25)", model, train, {"noisy": x, "clean": test[:args.n]}))
     if "mobilenet_v2" in args.models.split(","):
         size = args.mbv2_size
         calib = F.interpolate(train, size=(size, size), mode="bilinear", align_corners=False)
@@ -119,7 +121,7 @@ def setups(args) -> list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor]
         torch.manual_seed(0)
         model = settle_batchnorm(archs.build("mobilenet_v2"), calib[:64])
         x = clean + args.sigma * torch.randn(clean.shape, generator=g)
-        out.append((f"MobileNetV2 (random) {size}x{size}", model, calib, x))
+        out.append((f"MobileNetV2 (random) {size}x{size}", model, calib, {"noisy": x}))
     return out
 
 
@@ -131,21 +133,23 @@ def main() -> None:
     parser.add_argument("--mbv2-size", type=int, default=224, help="MobileNetV2 input resolution")
     parser.add_argument("--calib", type=int, default=256, help="calibration images (clean training images)")
     parser.add_argument("--sigma", type=float, default=0.25)
+    parser.add_argument("--calibration", choices=CALIBRATIONS, default=DEFAULT_CALIBRATION,
+                        help="how clipping ranges are chosen (arqc compile's default unless given)")
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
     parser.add_argument("--models", default="resnet20,resnet20_sigma025,mobilenet_v2",
                         help="comma-separated: resnet20 (akamaster), resnet20_sigma025 (shipped), mobilenet_v2")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"onnxruntime {ort.__version__} CPU, torch {torch.__version__}, sigma={args.sigma} (pixel space), "
-          f"calibration: {args.calib} clean CIFAR-10 training images, threads={args.threads}")
+          f"calibration: {args.calibration} on {args.calib} clean CIFAR-10 training images, threads={args.threads}")
     print("rel = |runtime - torch| / max_k |torch_k| per image, over all logits; agree = top-1 agreement with the "
           "torch simulation; exact = images whose logits are bit-identical to it")
-    head = (f"{'model':<31} {'policy':<7} {'scales':<6} {'runtime':<13} {'n':>5} {'agree':>8} "
+    head = (f"{'model':<31} {'policy':<7} {'scales':<6} {'inputs':<6} {'runtime':<13} {'n':>5} {'agree':>8} "
             f"{'median rel':>11} {'max rel':>9} {'exact':>7}")
     print(head)
     print("-" * len(head))
-    for label, model, calib, x in setups(args):
-        gm = analyze(capture(model, x[:1]))
+    for label, model, calib, inputs in setups(args):
+        gm = analyze(capture(model, inputs["noisy"][:1]))
         policies = {"W8A8": uniform(gm, 8, 8), "W4A4": uniform(gm, 4, 4), "mixed": mixed_policy(gm)}
         if label.startswith("ResNet-20"):  # the 1.5625 % BitOps policy of examples/results (its bits only)
             saved = json.loads(ARQ_POLICY.read_text())["policy"]
@@ -154,22 +158,24 @@ def main() -> None:
             apply_policy(gm, policy)
             for scales in ("float", "po2"):
                 start = time.perf_counter()
-                sim = simulate(gm, [calib[i:i + 128] for i in range(0, len(calib), 128)], scales=scales)
+                sim = simulate(gm, [calib[i:i + 128] for i in range(0, len(calib), 128)], scales=scales,
+                               clipping=args.calibration)
                 onnx_bytes = lower(sim, {}).SerializeToString()
-                ref = torch_logits(sim, x)
-                runs = {f"ORT {level}": ort_logits(onnx_bytes, x.numpy(), level, args.threads) for level in LEVELS}
-                runs["OpenVINO"] = openvino_logits(onnx_bytes, x.numpy(), args.threads)
-                for runtime, out in runs.items():
-                    if out is None:
-                        print(f"{label:<31} {pname:<7} {scales:<6} {runtime:<13} (not installed)")
-                        continue
-                    agree, med, mx = compare(ref, out)
-                    exact = float(np.all(out == ref, axis=1).mean())
-                    print(f"{label:<31} {pname:<7} {scales:<6} {runtime:<13} {len(x):>5} {100 * agree:>7.1f}% "
-                          f"{med:>11.1e} {mx:>9.1e} {100 * exact:>6.1f}%", flush=True)
-                if runs["OpenVINO"] is not None:
-                    agree = float((runs["OpenVINO"].argmax(1) == runs["ORT all"].argmax(1)).mean())
-                    print(f"{'':<31} OpenVINO vs ORT all: top-1 agreement {100 * agree:.1f}%")
+                for kind, x in inputs.items():
+                    ref = torch_logits(sim, x)
+                    runs = {f"ORT {level}": ort_logits(onnx_bytes, x.numpy(), level, args.threads) for level in LEVELS}
+                    runs["OpenVINO"] = openvino_logits(onnx_bytes, x.numpy(), args.threads)
+                    for runtime, out in runs.items():
+                        if out is None:
+                            print(f"{label:<31} {pname:<7} {scales:<6} {kind:<6} {runtime:<13} (not installed)")
+                            continue
+                        agree, med, mx = compare(ref, out)
+                        exact = float(np.all(out == ref, axis=1).mean())
+                        print(f"{label:<31} {pname:<7} {scales:<6} {kind:<6} {runtime:<13} {len(x):>5} "
+                              f"{100 * agree:>7.1f}% {med:>11.1e} {mx:>9.1e} {100 * exact:>6.1f}%", flush=True)
+                    if runs["OpenVINO"] is not None:
+                        agree = float((runs["OpenVINO"].argmax(1) == runs["ORT all"].argmax(1)).mean())
+                        print(f"{'':<31} OpenVINO vs ORT all ({kind}): top-1 agreement {100 * agree:.1f}%")
                 print(f"{'':<31} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
