@@ -2,7 +2,8 @@
 
 For each model × policy (W8A8, W4A4, random mixed bits, and for ResNet-20 the 1.5625 % BitOps policy of
 examples/results/arq_cifar10.md) × scales, the simulated (fake-quantized) torch model (calibrated by
-``--calibration``, arqc compile's default unless given) and its QDQ ONNX lowering run on the same inputs: noisy
+``--calibration`` on training images with N(0, σ²) noise, as ``arqc compile --sigma`` calibrates, unless
+``--calib-sigma`` says otherwise) and its QDQ ONNX lowering run on the same inputs: noisy
 ones (clean test image + N(0, σ²) in pixel space) and, for ResNet-20, the clean test images; onnxruntime (CPU) runs at
 ORT_DISABLE_ALL and at ORT_ENABLE_ALL (fused integer kernels), OpenVINO (CPU plugin, extra arqc[openvino]) the
 same file. Columns: top-1 agreement with torch, the median and max of the relative logit difference
@@ -135,13 +136,17 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.25)
     parser.add_argument("--calibration", choices=CALIBRATIONS, default=DEFAULT_CALIBRATION,
                         help="how clipping ranges are chosen (arqc compile's default unless given)")
+    parser.add_argument("--calib-sigma", type=float, default=None,
+                        help="noise on the calibration images (default: --sigma, as arqc compile --sigma does)")
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
     parser.add_argument("--models", default="resnet20,resnet20_sigma025,mobilenet_v2",
                         help="comma-separated: resnet20 (akamaster), resnet20_sigma025 (shipped), mobilenet_v2")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    calib_sigma = args.sigma if args.calib_sigma is None else args.calib_sigma
     print(f"onnxruntime {ort.__version__} CPU, torch {torch.__version__}, sigma={args.sigma} (pixel space), "
-          f"calibration: {args.calibration} on {args.calib} clean CIFAR-10 training images, threads={args.threads}")
+          f"calibration: {args.calibration} on {args.calib} CIFAR-10 training images with noise sigma={calib_sigma:g}, "
+          f"threads={args.threads}")
     print("rel = |runtime - torch| / max_k |torch_k| per image, over all logits; agree = top-1 agreement with the "
           "torch simulation; exact = images whose logits are bit-identical to it")
     head = (f"{'model':<31} {'policy':<7} {'scales':<6} {'inputs':<6} {'runtime':<13} {'n':>5} {'agree':>8} "
@@ -150,6 +155,7 @@ def main() -> None:
     print("-" * len(head))
     for label, model, calib, inputs in setups(args):
         gm = analyze(capture(model, inputs["noisy"][:1]))
+        calib = calib + calib_sigma * torch.randn(calib.shape, generator=torch.Generator().manual_seed(1))
         policies = {"W8A8": uniform(gm, 8, 8), "W4A4": uniform(gm, 4, 4), "mixed": mixed_policy(gm)}
         if label.startswith("ResNet-20"):  # the 1.5625 % BitOps policy of examples/results (its bits only)
             saved = json.loads(ARQ_POLICY.read_text())["policy"]

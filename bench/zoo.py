@@ -122,12 +122,14 @@ def compile_and_check(name: str, n_inputs: int, threads: int) -> dict:
     torch.manual_seed(0)
     model = randomized(get_model(name).eval(), calib)
     gm = analyze(capture(model, x[:1]))
-    cos, worst, agree, floor, sims = {}, {}, {}, {}, {}
+    cos, worst, agree, floor = {}, {}, {}, {}
+    del model  # the captured graph holds what is needed; one simulation at a time keeps ViT-H/14 within memory
     nudged = x * (1 + 2.0 ** -22 * torch.randint(0, 2, x.shape, generator=g) * 2 - 2.0 ** -22)  # ±1 ulp or so
     for label, scales in POLICIES:
         apply_policy(gm, uniform(gm, 8, 8) if label == "w8a8" else mixed(gm))
         sim = simulate(gm, [calib], scales=scales)
-        sims[label, scales] = sim
+        if (label, scales) == ("w8a8", "float"):
+            bounded = sim  # the interval bounds below are checked on this one
         with torch.no_grad():
             ref = torch.cat([sim(x[i:i + 8]) for i in range(0, len(x), 8)]).numpy()
             again = torch.cat([sim(nudged[i:i + 8]) for i in range(0, len(x), 8)]).numpy()
@@ -140,12 +142,13 @@ def compile_and_check(name: str, n_inputs: int, threads: int) -> dict:
         worst[key] = float(cosines(ref, out).min())
         agree[key] = float((ref.argmax(1) == out.argmax(1)).mean())
         floor[key] = float(cosines(ref.reshape(1, -1), again.reshape(1, -1))[0])
+        del sim, session
     lo, hi = input_box(x[:2], 1 / 255)
-    b_lo, b_hi = interval_bounds(sims["w8a8", "float"], lo, hi, dtype=torch.float32)
+    b_lo, b_hi = interval_bounds(bounded, lo, hi, dtype=torch.float32)
     contained = True
     with torch.no_grad():
         for _ in range(8):
-            y = sims["w8a8", "float"](lo + (hi - lo) * torch.rand(lo.shape, generator=g))
+            y = bounded(lo + (hi - lo) * torch.rand(lo.shape, generator=g))
             contained &= bool(((y >= b_lo) & (y <= b_hi)).all())
     return {"size": size, "cosine": cos, "worst": worst, "top1": agree, "floor": floor, "ibp": contained,
             "layers": len(quantizable_nodes(gm))}
