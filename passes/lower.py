@@ -16,7 +16,9 @@ onnxruntime fuses at ENABLE_ALL: DQ → Conv [→ Relu] → Q becomes QLinearCon
 on. An add reads each grid operand through one more exact Q → DQ pair, which keeps OpenVINO from dropping a
 rounding (:meth:`OnnxBuilder.add_operand`): both runtimes compute the one function of DESIGN §2.
 The policy, calibration, grids, semantics version and compile settings go into ``metadata_props`` (keys in
-METADATA_KEYS).
+METADATA_KEYS), with the name of each quantizer's uint8 codes tensor (``arqc.codes``: keyed like
+``arqc.calibration`` and ``arqc.requant``), which runtime/layerwise.py reads to compare a runtime with the
+simulation one rounding at a time.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from arqc.passes.quantize import INT32_BOUND, REQUANTIZED_OPS, QuantLayer, requa
 OPSET = 21
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 METADATA_KEYS = ("arqc.version", "arqc.semantics", "arqc.policy", "arqc.calibration", "arqc.requant",
-                 "arqc.settings", "arqc.layers")
+                 "arqc.settings", "arqc.layers", "arqc.codes")
 # The kinds whose operands on a grid go through their own DequantizeLinear (see the module docstring).
 INTEGER_CONSUMERS = ("conv2d", "linear", "matmul", "max_pool2d", *REQUANTIZED_OPS)
 
@@ -67,6 +69,7 @@ class OnnxBuilder:
         self._names: set[str] = set()
         self.grids: dict[str, _Grid] = {}  # ONNX value → the 8-bit grid it lies on
         self.grid_params: dict[str, tuple[str, str]] = {}  # requant target → (scale, zero point) initializers
+        self.codes: dict[str, str] = {}  # quantizer (as in the metadata) → the uint8 codes DequantizeLinear reads
 
     def _unique(self, hint: str) -> str:
         name, k = hint, 1
@@ -102,7 +105,7 @@ class OnnxBuilder:
     def requantize(self, x: str, grid: str, act: ActQuant, name: str) -> str:
         """``x`` on the 8-bit grid ``act`` of the requant module ``grid``: QuantizeLinear → DequantizeLinear."""
         scale, zero = self.grid_params[grid] = self._act_params(act, name)
-        q = self.op("QuantizeLinear", [x, scale, zero], f"{name}_q")
+        q = self.codes[grid] = self.op("QuantizeLinear", [x, scale, zero], f"{name}_q")
         dq = self.op("DequantizeLinear", [q, scale, zero], f"{name}_dq")
         self.grids[dq] = _Grid(scale, zero, q, spare=True)
         return dq
@@ -142,7 +145,7 @@ class OnnxBuilder:
         q = self.op("QuantizeLinear", [dq, g.scale, g.zero], f"{dq}_again_q")
         return self.op("DequantizeLinear", [q, g.scale, g.zero], f"{dq}_again_dq")
 
-    def quantize_activation(self, x: str, act: ActQuant, name: str) -> str:
+    def quantize_activation(self, x: str, act: ActQuant, name: str, key: str) -> str:
         """A layer's input quantizer: [Clip] → QuantizeLinear → DequantizeLinear. Below 8 bits the container
         saturates at 8 bits only, so a float Clip to the b-bit grid's real range [(qmin - z)·s, (qmax - z)·s]
         comes first: exact, since x/s at a clamp bound is within float32 rounding of qmin - z or qmax - z and
@@ -156,7 +159,7 @@ class OnnxBuilder:
         by s, which is within an ulp of an integer in any order: the same function, in every runtime."""
         g = self.grids.get(x)
         if act.bits < 8 and g is not None and g.q is not None:
-            return self._requantize_grid(x, g, act, name)
+            return self._requantize_grid(x, g, act, name, key)
         scale, zero = self._act_params(act, f"{name}_x")
         if act.bits < 8:
             low, high = (np.float32(act.scale) * np.float32(v - act.zero_point) for v in (act.qmin, act.qmax))
@@ -165,10 +168,10 @@ class OnnxBuilder:
         if numpy_helper.to_array(self.initializers[zero]) != 0:
             x = self.op("Mul", [self.op("Round", [self.op("Div", [x, scale], f"{name}_x_steps")], f"{name}_x_round"),
                                 scale], f"{name}_x_rounded")
-        q = self.op("QuantizeLinear", [x, scale, zero], f"{name}_x_q")
+        q = self.codes[key] = self.op("QuantizeLinear", [x, scale, zero], f"{name}_x_q")
         return self.op("DequantizeLinear", [q, scale, zero], f"{name}_x_dq")
 
-    def _requantize_grid(self, x: str, g: _Grid, act: ActQuant, name: str) -> str:
+    def _requantize_grid(self, x: str, g: _Grid, act: ActQuant, name: str, key: str) -> str:
         """``x``, the DequantizeLinear output of an 8-bit grid, on the b-bit grid ``act`` (b < 8) of a layer's
         input: Add(x, 0) → QuantizeLinear [→ integer Clip] → DequantizeLinear. In the QDQ graph as written the
         add of a dequantized zero is exact and the Clip after QuantizeLinear equals the float Clip before it,
@@ -197,6 +200,7 @@ class OnnxBuilder:
         if clip:
             codes = [self.const(np.uint8(zero + v), f"{name}_x_{end}") for v, end in ((low, "min"), (high, "max"))]
             q = self.op("Clip", [q, *codes], f"{name}_x_clip")
+        self.codes[key] = q
         return self.op("DequantizeLinear", [q, scale, zero_point], f"{name}_x_dq")
 
     def layer_operands(self, node: torch.fx.Node, x: str, transposed: bool = False) -> tuple[str, str, str | None]:
@@ -228,7 +232,7 @@ class OnnxBuilder:
         """A layer's (first) input through its quantizer; records the layer's node name."""
         self.layer_nodes[info(node).layer] = node.name
         if isinstance(m, QuantLayer) and m.a_bits < FP32 and not m.grid_input:  # a grid input: its grid's DQ
-            x = self.quantize_activation(x, m.act, node.name)
+            x = self.quantize_activation(x, m.act, node.name, info(node).layer)
         return x
 
     def matmul_operands(self, node: torch.fx.Node, a: str, b: str) -> tuple[str, str]:
@@ -238,7 +242,7 @@ class OnnxBuilder:
         a = self._layer_input(node, m, a)
         second = getattr(m, "second", None)
         if second is not None and second.bits < FP32 and not second.grid_input:
-            b = self.quantize_activation(b, second.act, f"{node.name}_second")
+            b = self.quantize_activation(b, second.act, f"{node.name}_second", f"{info(node).layer}.second")
         return a, b
 
     def _dequantized_weight(self, m: QuantLayer, name: str, transposed: bool = False) -> str:
@@ -294,12 +298,13 @@ def lower(sim: torch.fx.GraphModule, settings: dict | None = None, int4_weights:
     graph = helper.make_graph(b.nodes, name, inputs, outputs, list(b.initializers.values()))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="arqc")
     model.ir_version = 10
-    _set_metadata(model, sim, b.layer_nodes, settings or {})
+    _set_metadata(model, sim, b.layer_nodes, b.codes, settings or {})
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
-def _set_metadata(model: onnx.ModelProto, sim: torch.fx.GraphModule, layer_nodes: dict, settings: dict) -> None:
+def _set_metadata(model: onnx.ModelProto, sim: torch.fx.GraphModule, layer_nodes: dict, codes: dict,
+                  settings: dict) -> None:
     policy, calibration = {}, {}
     for node in quantizable_nodes(sim):
         meta = info(node)
@@ -311,7 +316,7 @@ def _set_metadata(model: onnx.ModelProto, sim: torch.fx.GraphModule, layer_nodes
     requant = {node.target: vars(info(node).act) for node in requant_nodes(sim)}
     props = {"arqc.version": __version__, "arqc.semantics": SEMANTICS, "arqc.policy": policy,
              "arqc.calibration": calibration, "arqc.requant": requant, "arqc.settings": settings,
-             "arqc.layers": layer_nodes}
+             "arqc.layers": layer_nodes, "arqc.codes": codes}
     onnx.helper.set_model_props(model, {k: v if isinstance(v, str) else json.dumps(v) for k, v in props.items()})
 
 
