@@ -47,6 +47,7 @@ from arqc.rewards import AccuracyReward, CertifiedReward
 from arqc.runtime.backends import OrtBackend, TorchBackend
 from arqc.runtime.devices import resolve_device
 from arqc.runtime.irs import build_cache, load_cache
+from arqc.runtime.layerwise import LAYERWISE_IMAGES, check_layers
 from arqc.runtime.run import CertifyResult, certify_dataset, check_comparisons, deployed_backend
 from arqc.settings import CertifySettings, CompileSettings, SearchSettings
 
@@ -275,6 +276,7 @@ class Run:
                                             distill=s.qat_distill))
         model = to_onnx(sim, replace(settings, search=asdict(s)))
         data = model.SerializeToString()
+        layerwise = check_layers(sim, model, self.test.x[:LAYERWISE_IMAGES]) if check.verify else None
         reference = TorchBackend(sim, batch_size=s.batch_size, device=self.device) if check.verify else None
         backend, comparisons = deployed_backend(data, check.runtime, reference, check.compare_runtime, s.batch_size)
         quantized = self._timed("certify onnx", lambda: self.certify(backend, self.dir / "certify_quantized.jsonl"))
@@ -284,6 +286,8 @@ class Run:
         report["certification"]["runtime"] = backend.runtime
         checked = check_comparisons(comparisons, check.alpha, check.max_disagreement)
         report |= {key: value for key, value in checked.items() if value is not None}
+        if layerwise is not None:
+            report["layerwise"] = layerwise
         quantized.data = self.test.spec
         attach(model, {"arqc.certificate_l2": l2_certificate(quantized, backend.runtime, data),
                        "arqc.report": report})

@@ -23,6 +23,7 @@ from arqc.passes.meta import SEMANTICS
 from arqc.passes.policy import Policy, policy_to_json
 from arqc.pipeline import PreparedModel, quantize, to_onnx
 from arqc.runtime.backends import TorchBackend
+from arqc.runtime.layerwise import LAYERWISE_IMAGES, check_layers
 from arqc.settings import DEFAULT_CALIBRATION, CertifySettings, SearchSettings
 
 if TYPE_CHECKING:
@@ -89,6 +90,8 @@ def compile_fixed(prep: PreparedModel, policy: Policy, calibration: ImageSet | N
     certificates = {}
     data = model.SerializeToString()  # the bytes every certificate is computed on
     if check is not None:  # certify (and verify) the exact bytes before anything is written
+        if check.verify:
+            report["layerwise"] = check_layers(sim, model, test_images.x[:LAYERWISE_IMAGES], log)
         reference = TorchBackend(sim, batch_size=400) if check.verify else None
         certified = certify_onnx(data, reference, test_images, check, progress=progress, log=log, pool=pool)
         cert = certified["certificate"]

@@ -12,6 +12,7 @@ import onnx
 
 from arqc.base import ArqcError
 from arqc.passes.lower import certified_bytes, read_metadata
+from arqc.runtime.layerwise import format_layerwise
 
 SUMMARY_RADII = ("0.00", "0.25", "0.50", "0.75", "1.00")  # keys of arqc.runtime.run results
 
@@ -94,6 +95,8 @@ def format_compile_report(r: dict) -> str:
             v = r[key]
             lines.append(f"{runtime} vs {v.get('reference', 'torch simulation')}: {v.get('disagreements', '?')} of "
                          f"{v.get('samples', '?')} noisy samples disagree")
+    if "layerwise" in r:
+        lines.append(format_layerwise(r["layerwise"]))
     if "certificates" in r:
         lines += ["", format_certificates(r)]
     return "\n".join(lines)

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from arqc import archs
 from arqc.cli import main
@@ -247,6 +248,9 @@ def test_compile_verify_reports_the_onnx_certificate_and_the_disagreement(files,
     assert disagreement["samples"] == 2 * 110 and disagreement["disagreements"] <= 2
     assert disagreement["rate"] == disagreement["disagreements"] / 220 < disagreement["upper_bound"] < 0.05
     assert disagreement["passed"] and "noisy samples disagree" in out
+    layerwise = report["layerwise"]  # every rounding compared with onnxruntime's (runtime/layerwise.py)
+    assert layerwise["images"] == 2 and layerwise["codes"] > 0 and layerwise["max_steps"] <= 1
+    assert layerwise["differing"] <= 1e-3 * layerwise["codes"] and "layer by layer in onnxruntime" in out
     # the reported certificate is the ONNX file's own: `arqc certify` of the written file gives it again
     code, _, _ = arqc(capsys, "certify", tmp_path / "q.onnx", "--data", files["data"], "--num-images", "2",
                       "--sigma", "0.25", "--n", "100", "--n0", "10", "--alpha", "0.01",
@@ -305,6 +309,31 @@ def test_compile_verify_refuses_a_model_that_disagrees(files, tmp_path, capsys, 
                         *VERIFY)
     assert code == 2 and err.splitlines()[-1].startswith(
         "arqc: error: the ONNX model in onnxruntime disagrees with the torch simulation")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compile_verify_refuses_a_wrong_quantizer_layer_by_layer(files, tmp_path, capsys, monkeypatch):
+    from arqc import compiler
+
+    real = compiler.to_onnx
+
+    def wrong_grid(sim, settings, int4_weights=False):  # one requant grid written 3 % coarser than simulated
+        model = real(sim, settings, int4_weights)
+        codes = read_metadata(model)["arqc.codes"]
+        wrong.append(sorted(k for k in codes if k.startswith("arqc_requant"))[0])
+        reader = next(n for n in model.graph.node
+                      if n.op_type == "DequantizeLinear" and n.input[0] == codes[wrong[0]])
+        scale = next(t for t in model.graph.initializer if t.name == reader.input[1])
+        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(1.03), scale.name))
+        return model
+
+    wrong = []
+    monkeypatch.setattr(compiler, "to_onnx", wrong_grid)
+    code, _, err = arqc(capsys, "compile", files["model"], "--bits", "8", "--data", files["data"], "-o",
+                        tmp_path / "q.onnx", "--report", tmp_path / "r.json", "--test-data", files["data"],
+                        *VERIFY)
+    assert code == 2 and err.splitlines()[-1].startswith(f"arqc: error: the ONNX model's quantizer {wrong[0]} "
+                                                          "has step ")
     assert list(tmp_path.iterdir()) == []
 
 
