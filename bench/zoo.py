@@ -13,8 +13,9 @@ For each model of ``torchvision.models.list_models(module=torchvision.models)`` 
    the default float scales, and for the mixed policy at po2 scales (exact integer layers, see
    passes/quantize.py); the floor: the lowest cosine of the simulation's logits with its own logits on the same
    images moved by about one float32 ulp (2^-22, random signs), over the three; the worst single image's cosine
-   and the lowest top-1 agreement with onnxruntime over the three. A random-weight network can be chaotic (an
-   ulp of input changes its logits), so these say more about the network than about the lowering.
+   and the lowest top-1 agreement with onnxruntime over the three; fp32: the cosine of the W8A8 simulation's
+   logits with the float model's. A random-weight network can be chaotic (an ulp of input changes its logits) and
+   dominated by its own rounding (fp32 far below 1), so these say more about the network than about the lowering.
 3. Layer by layer (runtime/layerwise.py): each quantizer of the simulation fed onnxruntime's values before it,
    its codes compared with onnxruntime's. Columns over the three policies: the share of codes that differ
    (flips), the largest difference in steps, and the cosine of the logits computed from onnxruntime's last codes
@@ -133,6 +134,8 @@ def compile_and_check(name: str, n_inputs: int, threads: int) -> dict:
     torch.manual_seed(0)
     model = randomized(get_model(name).eval(), calib)
     gm = analyze(capture(model, x[:1]))
+    with torch.no_grad():
+        fp32 = torch.cat([model(x[i:i + 8]) for i in range(0, len(x), 8)]).numpy()
     cos, worst, agree, floor, layers = {}, {}, {}, {}, {}
     del model  # the captured graph holds what is needed; one simulation at a time keeps ViT-H/14 within memory
     nudged = x * (1 + 2.0 ** -22 * torch.randint(0, 2, x.shape, generator=g) * 2 - 2.0 ** -22)  # ±1 ulp or so
@@ -158,6 +161,8 @@ def compile_and_check(name: str, n_inputs: int, threads: int) -> dict:
         worst[key] = float(cosines(ref, out).min())
         agree[key] = float((ref.argmax(1) == out.argmax(1)).mean())
         floor[key] = float(cosines(ref.reshape(1, -1), again.reshape(1, -1))[0])
+        if key == "w8a8 float":
+            fidelity = float(cosines(ref.reshape(1, -1), fp32.reshape(1, -1))[0])
         del sim, session, model
     lo, hi = input_box(x[:2], 1 / 255)
     b_lo, b_hi = interval_bounds(bounded, lo, hi, dtype=torch.float32)
@@ -167,7 +172,7 @@ def compile_and_check(name: str, n_inputs: int, threads: int) -> dict:
             y = bounded(lo + (hi - lo) * torch.rand(lo.shape, generator=g))
             contained &= bool(((y >= b_lo) & (y <= b_hi)).all())
     return {"size": size, "cosine": cos, "worst": worst, "top1": agree, "floor": floor, "layerwise": layers,
-            "ibp": contained,
+            "fidelity": fidelity, "ibp": contained,
             "layers": len(quantizable_nodes(gm))}
 
 
@@ -186,7 +191,8 @@ def main() -> None:
     print(f"torchvision {torchvision.__version__}, torch {torch.__version__}, onnxruntime {ort.__version__}; "
           f"{len(names)} models, random weights, {args.inputs} random inputs per policy, threads={args.threads}")
     print(f"{'model':20s} {'GMACs':>8s} {'paper':>8s} {'diff':>7s} {'res':>4s} | {'size':>4s} {'layers':>6s} "
-          f"{'W8A8':>8s} {'mixed':>8s} {'mix po2':>8s} | {'floor':>7s} {'worst':>6s} {'top-1':>5s} | {'flips':>7s} "
+          f"{'W8A8':>8s} {'mixed':>8s} {'mix po2':>8s} | {'fp32':>7s} {'floor':>7s} {'worst':>6s} {'top-1':>5s} | "
+          f"{'flips':>7s} "
           f"{'steps':>5s} {'forced':>8s} | {'IBP':>4s} {'status':8s} "
           f"{'s':>5s}")
     passed, layered, macs_ok, macs_checked, rows = 0, 0, 0, 0, []
@@ -215,7 +221,8 @@ def main() -> None:
                 layers_agree = steps <= 1 and flips <= FLIP_RATE and forced >= FORCED_COSINE
                 status = ("MISMATCH" if not (layers_agree and r["ibp"]) else "ok" if strict else "layers")
                 row += (f"{r['size']:4d} {r['layers']:6d} {c['w8a8 float']:8.5f} {c['mixed float']:8.5f} "
-                        f"{c['mixed po2']:8.5f} | {min(f.values()):7.5f} {min(r['worst'].values()):6.3f} "
+                        f"{c['mixed po2']:8.5f} | {r['fidelity']:7.5f} {min(f.values()):7.5f} "
+                        f"{min(r['worst'].values()):6.3f} "
                         f"{min(r['top1'].values()):5.2f} | {flips:7.1e} {steps:5d} {forced:8.6f} | "
                         f"{'yes' if r['ibp'] else 'NO':>4s} ")
             passed += status == "ok"
