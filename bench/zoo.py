@@ -30,6 +30,7 @@ For each model of ``torchvision.models.list_models(module=torchvision.models)`` 
 
     python bench/zoo.py                       # all 80 models (about an hour on 2 cores)
     python bench/zoo.py --only resnet18,vit_b_16 --skip-macs
+    python bench/zoo.py --control ../shared/data   # trained CIFAR-10 ResNets next to random twins
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -44,6 +46,9 @@ import torch
 import torchvision
 from torchvision.models import get_model, get_model_weights
 
+from arqc import archs
+from arqc.data import load_images
+from arqc.loading import load_model
 from arqc.passes.analysis import analyze, profile
 from arqc.passes.capture import capture
 from arqc.passes.lower import lower
@@ -123,6 +128,9 @@ def randomized(model: torch.nn.Module, images: torch.Tensor) -> torch.nn.Module:
     return model.eval()
 
 
+HEADER = (f"{'model':20s} {'GMACs':>8s} {'paper':>8s} {'diff':>7s} {'res':>4s} | {'size':>4s} {'layers':>6s} "
+          f"{'W8A8':>8s} {'mixed':>8s} {'mix po2':>8s} | {'fp32':>7s} {'floor':>7s} {'worst':>6s} {'top-1':>5s} | "
+          f"{'flips':>7s} {'steps':>5s} {'forced':>8s} | {'IBP':>4s} {'status':8s} {'s':>5s}")
 POLICIES = (("w8a8", "float"), ("mixed", "float"), ("mixed", "po2"))  # (policy, scales); float is the default
 
 
@@ -132,7 +140,12 @@ def compile_and_check(name: str, n_inputs: int, threads: int) -> dict:
     calib = torch.rand(8, 3, size, size, generator=g)
     x = torch.rand(n_inputs, 3, size, size, generator=g)
     torch.manual_seed(0)
-    model = randomized(get_model(name).eval(), calib)
+    return {"size": size, **check(randomized(get_model(name).eval(), calib), calib, x, threads, g)}
+
+
+def check(model: torch.nn.Module, calib: torch.Tensor, x: torch.Tensor, threads: int, g: torch.Generator) -> dict:
+    """Steps 2-4 for one model (given as the only reference to it: it is freed once captured); ``g`` draws the
+    nudges of the floor and the points of the IBP check."""
     gm = analyze(capture(model, x[:1]))
     with torch.no_grad():
         fp32 = torch.cat([model(x[i:i + 8]) for i in range(0, len(x), 8)]).numpy()
@@ -171,9 +184,48 @@ def compile_and_check(name: str, n_inputs: int, threads: int) -> dict:
         for _ in range(8):
             y = bounded(lo + (hi - lo) * torch.rand(lo.shape, generator=g))
             contained &= bool(((y >= b_lo) & (y <= b_hi)).all())
-    return {"size": size, "cosine": cos, "worst": worst, "top1": agree, "floor": floor, "layerwise": layers,
+    return {"cosine": cos, "worst": worst, "top1": agree, "floor": floor, "layerwise": layers,
             "fidelity": fidelity, "ibp": contained,
             "layers": len(quantizable_nodes(gm))}
+
+
+def judge(r: dict) -> tuple[str, str]:
+    """(status, the row's cells from size to IBP) of a :func:`compile_and_check` result."""
+    c, f, lw = r["cosine"], r["floor"], r["layerwise"].values()
+    strict = min(c["w8a8 float"], c["mixed float"]) >= 0.999
+    flips = sum(x.differing for x in lw) / sum(x.elements for x in lw)
+    steps, forced = max(x.max_steps for x in lw), min(x.logits_cosine for x in lw)
+    layers_agree = steps <= 1 and flips <= FLIP_RATE and forced >= FORCED_COSINE
+    status = "MISMATCH" if not (layers_agree and r["ibp"]) else "ok" if strict else "layers"
+    return status, (f"{r['size']:4d} {r['layers']:6d} {c['w8a8 float']:8.5f} {c['mixed float']:8.5f} "
+                    f"{c['mixed po2']:8.5f} | {r['fidelity']:7.5f} {min(f.values()):7.5f} "
+                    f"{min(r['worst'].values()):6.3f} {min(r['top1'].values()):5.2f} | {flips:7.1e} {steps:5d} "
+                    f"{forced:8.6f} | {'yes' if r['ibp'] else 'NO':>4s} ")
+
+
+CONTROL = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th",
+           "resnet44": "resnet44-014dd654.th", "resnet56": "resnet56-4bfd9763.th"}
+
+
+def control(data: Path, n_inputs: int, threads: int) -> None:
+    """The same checks on trained networks next to the same architectures with random weights: akamaster's
+    CIFAR-10 ResNets (../shared/data/weights) and lossless CIFAR-10 images (8 training images to calibrate,
+    the first ``n_inputs`` test images to compare on), so that the weights are the only difference."""
+    train = load_images(f"npz:{data / 'cifar10/train_first2000_lossless.npz'}").x[:8]
+    test = load_images(f"npz:{data / 'cifar10/test_first1000_lossless.npz'}").x[:n_inputs]
+    print(f"control: akamaster's trained CIFAR-10 ResNets and the same architectures with random weights, "
+          f"{n_inputs} lossless CIFAR-10 test images")
+    for arch, file in CONTROL.items():
+        for weights in ("trained", "random"):
+            start = time.perf_counter()
+            if weights == "trained":
+                model = load_model(str(data / "weights/akamaster-resnet-cifar10" / file), arch).model.eval()
+            else:
+                torch.manual_seed(0)
+                model = randomized(archs.build(arch).eval(), train)
+            status, cells = judge({"size": 32, **check(model, train, test, threads, torch.Generator().manual_seed(1))})
+            print(f"{arch + ' ' + weights:20s} {'':8s} {'':8s} {'':7s} {'':4s} | {cells}{status:8s} "
+                  f"{time.perf_counter() - start:5.1f}", flush=True)
 
 
 def main() -> None:
@@ -183,18 +235,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
     parser.add_argument("--skip-macs", action="store_true", help="do not count MACs at the published resolution")
     parser.add_argument("--skip-compile", action="store_true", help="only count MACs")
+    parser.add_argument("--control", type=Path, metavar="DATA",
+                        help="only the trained-vs-random control on CIFAR-10 ResNets from DATA (../shared/data)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.control is not None:
+        print(HEADER)
+        control(args.control, args.inputs, args.threads)
+        return
     names = torchvision.models.list_models(module=torchvision.models)
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     print(f"torchvision {torchvision.__version__}, torch {torch.__version__}, onnxruntime {ort.__version__}; "
           f"{len(names)} models, random weights, {args.inputs} random inputs per policy, threads={args.threads}")
-    print(f"{'model':20s} {'GMACs':>8s} {'paper':>8s} {'diff':>7s} {'res':>4s} | {'size':>4s} {'layers':>6s} "
-          f"{'W8A8':>8s} {'mixed':>8s} {'mix po2':>8s} | {'fp32':>7s} {'floor':>7s} {'worst':>6s} {'top-1':>5s} | "
-          f"{'flips':>7s} "
-          f"{'steps':>5s} {'forced':>8s} | {'IBP':>4s} {'status':8s} "
-          f"{'s':>5s}")
+    print(HEADER)
     passed, layered, macs_ok, macs_checked, rows = 0, 0, 0, 0, []
     for name in names:
         start = time.perf_counter()
@@ -214,17 +268,8 @@ def main() -> None:
             else:
                 r = compile_and_check(name, args.inputs, args.threads)
                 rows.append((name, r))
-                c, f, lw = r["cosine"], r["floor"], r["layerwise"].values()
-                strict = min(c["w8a8 float"], c["mixed float"]) >= 0.999
-                flips = sum(x.differing for x in lw) / sum(x.elements for x in lw)
-                steps, forced = max(x.max_steps for x in lw), min(x.logits_cosine for x in lw)
-                layers_agree = steps <= 1 and flips <= FLIP_RATE and forced >= FORCED_COSINE
-                status = ("MISMATCH" if not (layers_agree and r["ibp"]) else "ok" if strict else "layers")
-                row += (f"{r['size']:4d} {r['layers']:6d} {c['w8a8 float']:8.5f} {c['mixed float']:8.5f} "
-                        f"{c['mixed po2']:8.5f} | {r['fidelity']:7.5f} {min(f.values()):7.5f} "
-                        f"{min(r['worst'].values()):6.3f} "
-                        f"{min(r['top1'].values()):5.2f} | {flips:7.1e} {steps:5d} {forced:8.6f} | "
-                        f"{'yes' if r['ibp'] else 'NO':>4s} ")
+                status, cells = judge(r)
+                row += cells
             passed += status == "ok"
             layered += status == "layers"
         except Exception as err:  # a row per model: report and go on
