@@ -162,21 +162,18 @@ def check(model: torch.nn.Module, calib: torch.Tensor, x: torch.Tensor, threads:
             again = torch.cat([sim(nudged[i:i + 8]) for i in range(0, len(x), 8)]).numpy()
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
-        model = lower(sim, {})
-        session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        lowered = lower(sim, {})
+        session = ort.InferenceSession(lowered.SerializeToString(), so, providers=["CPUExecutionProvider"])
         out = np.concatenate([session.run(None, {"input": x[i:i + 8].numpy()})[0] for i in range(0, len(x), 8)])
         key = f"{label} {scales}"
-        report = None
-        for i in range(0, len(x), 8):
-            report = compare_layerwise(sim, model, x[i:i + 8], threads, report)
-        layers[key] = report
+        layers[key] = compare_layerwise(sim, lowered, x, threads)
         cos[key] = float(cosines(ref.reshape(1, -1), out.reshape(1, -1))[0])
         worst[key] = float(cosines(ref, out).min())
         agree[key] = float((ref.argmax(1) == out.argmax(1)).mean())
         floor[key] = float(cosines(ref.reshape(1, -1), again.reshape(1, -1))[0])
         if key == "w8a8 float":
             fidelity = float(cosines(ref.reshape(1, -1), fp32.reshape(1, -1))[0])
-        del sim, session, model
+        del sim, session, lowered
     lo, hi = input_box(x[:2], 1 / 255)
     b_lo, b_hi = interval_bounds(bounded, lo, hi, dtype=torch.float32)
     contained = True

@@ -98,29 +98,25 @@ def _quantizer_modules(sim: torch.fx.GraphModule) -> dict[str, tuple[torch.nn.Mo
     return out
 
 
-def _run_onnx(model: onnx.ModelProto, codes: dict[str, str], x: np.ndarray, threads: int
-              ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _session(model: onnx.ModelProto, outputs: list[str], threads: int) -> ort.InferenceSession:
+    """onnxruntime at ENABLE_ALL (as deployed) on ``model`` with ``outputs`` as extra graph outputs."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
-    for name in codes.values():
+    for name in outputs:
         if name not in present:
             probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.UINT8, None))
             present.add(name)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [OUTPUT_NAME, *codes.values()]
-    outputs = session.run(names, {session.get_inputs()[0].name: x})
-    return outputs[0], dict(zip(names[1:], outputs[1:], strict=True))
+    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def compare_layerwise(sim: torch.fx.GraphModule, model: onnx.ModelProto, x: torch.Tensor, threads: int = 1,
-                      report: LayerwiseReport | None = None) -> LayerwiseReport:
-    """Compare every rounding of ``sim`` with ``model`` (its lowering) in onnxruntime on the batch ``x``,
-    each quantizer of the simulation fed the runtime's values before it. ``report`` accumulates over batches
-    (the logits columns are of the last batch)."""
+                      batch: int = 8) -> LayerwiseReport:
+    """Compare every rounding of ``sim`` with ``model`` (its lowering) in onnxruntime on the images ``x`` (in
+    chunks of ``batch``), each quantizer of the simulation fed the runtime's values before it."""
     codes = read_metadata(model).get("arqc.codes")
     if codes is None:
         raise ArqcError("the ONNX model has no arqc.codes metadata: lower it again with this version of arqc")
@@ -129,19 +125,21 @@ def compare_layerwise(sim: torch.fx.GraphModule, model: onnx.ModelProto, x: torc
     if missing:
         raise ArqcError(f"the ONNX model names no codes for quantizers {missing[:3]}: it is not this simulation's")
     dequant = _dequantizers(model)
-    logits, runtime_codes = _run_onnx(model, {k: codes[k] for k in modules}, x.numpy(), threads)
-    report = report or LayerwiseReport()
+    names = [codes[k] for k in modules]
+    session = _session(model, names, threads)
+    device = next((p.device for p in sim.parameters()), torch.device("cpu"))
+    report = LayerwiseReport()
+    runtime_codes: dict[str, torch.Tensor] = {}  # the current chunk's codes, by tensor name
 
     def forced(key: str, module: torch.nn.Module, original):
         scale, zero = dequant[codes[key]]
-        theirs = torch.from_numpy(runtime_codes[codes[key]].astype(np.int64)).to(device)
+        r = report.roundings[key] = Rounding(file_scale=float(scale), sim_scale=float(module.act.scale))
 
         def run(value: torch.Tensor, *rest) -> torch.Tensor:
             own = original(value, *rest)
+            theirs = runtime_codes[codes[key]]
             mine = torch.round(own.double() / float(scale)).long() + int(zero)  # own = (q - z)·s: exact
             steps = (mine - theirs).abs()
-            r = report.roundings.setdefault(key, Rounding(file_scale=float(scale),
-                                                          sim_scale=float(module.act.scale)))
             r.elements += steps.numel()
             r.differing += int((steps > 0).sum())
             r.max_steps = max(r.max_steps, int(steps.max()) if steps.numel() else 0)
@@ -150,13 +148,19 @@ def compare_layerwise(sim: torch.fx.GraphModule, model: onnx.ModelProto, x: torc
             return ((theirs - int(zero)).to(own.dtype) * torch.tensor(scale, dtype=own.dtype))
         return run
 
-    device = next((p.device for p in sim.parameters()), torch.device("cpu"))
+    ours, logits = [], []
     with contextlib.ExitStack() as undo, torch.no_grad():
         for key, (module, attr) in modules.items():
             setattr(module, attr, forced(key, module, getattr(module, attr)))  # an instance attribute, removed after
             undo.callback(delattr, module, attr)
-        ours = sim(x.to(device)).cpu().numpy()
-    a, b = ours.reshape(-1).astype(np.float64), logits.reshape(-1).astype(np.float64)
+        for i in range(0, len(x), batch):
+            chunk = x[i:i + batch]
+            outputs = session.run([OUTPUT_NAME, *names], {session.get_inputs()[0].name: chunk.numpy()})
+            logits.append(outputs[0])
+            runtime_codes.update({n: torch.from_numpy(v.astype(np.int64)).to(device)
+                                  for n, v in zip(names, outputs[1:], strict=True)})
+            ours.append(sim(chunk.to(device)).cpu().numpy())
+    a, b = np.concatenate(ours).reshape(-1).astype(np.float64), np.concatenate(logits).reshape(-1).astype(np.float64)
     report.logits_cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300))
     report.logits_max_abs = float(np.abs(a - b).max())
     return report
@@ -176,10 +180,8 @@ def check_layers(sim: torch.fx.GraphModule, model: onnx.ModelProto, x: torch.Ten
     """The lowering check of ``arqc compile --verify``: :func:`compare_layerwise` on the images ``x`` (logged
     in one line; the summary goes into the report). ArqcError when a code is more than one step from
     onnxruntime's (no float32 near-tie does that), or when a quantizer's grid in the file has another step than
-the simulation's: either way the file does not compute the simulation's function."""
-    report = None
-    for i in range(0, len(x), 8):
-        report = compare_layerwise(sim, model, x[i:i + 8], report=report)
+    the simulation's: either way the file does not compute the simulation's function."""
+    report = compare_layerwise(sim, model, x)
     summary = {"images": len(x), "codes": report.elements, "differing": report.differing,
                "max_steps": report.max_steps, "quantizers": len(report.roundings),
                "worst": [{"quantizer": k, "elements": r.elements, "differing": r.differing,
