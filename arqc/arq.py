@@ -145,7 +145,7 @@ class Run:
             tune = self.episode_tune
             finetune(sim, tune.x, tune.y, sigma=s.sigma, epochs=s.episode_finetune_epochs, lr=s.lr, seed=s.seed,
                      progress=False, augmentation=s.finetune_augment, device=self.device, teacher=self.prep.gm,
-                     distill=s.qat_distill)
+                     distill=s.qat_distill, unfold_bn=s.qat_bn == "unfolded")
         return sim
 
     # -- stages ----------------------------------------------------------------------------------------
@@ -272,8 +272,9 @@ class Run:
         self._timed("qat", lambda: finetune(sim, ft.x, ft.y, sigma=s.sigma, epochs=s.finetune_epochs, lr=s.lr,
                                             seed=s.seed, state_path=self.dir / "qat.pt", progress=self.progress,
                                             augmentation=s.finetune_augment, device=self.device,
-                                            learned_scales=s.qat_scales == "lsq", teacher=self.prep.gm,
-                                            distill=s.qat_distill))
+                                            learned_scales=s.qat_scales == "lsq", scale_lr=s.qat_scale_lr,
+                                            teacher=self.prep.gm, distill=s.qat_distill,
+                                            unfold_bn=s.qat_bn == "unfolded"))
         model = to_onnx(sim, replace(settings, search=asdict(s)))
         data = model.SerializeToString()
         layerwise = check_layers(sim, model, self.test.x[:LAYERWISE_IMAGES]) if check.verify else None

@@ -8,6 +8,14 @@ end, so the lowering exports exactly what was learned, then moved off rounding t
 activation ranges stay as calibrated and weight scales follow the weights (minmax) or stay as calibrated
 (percentile, mse).
 
+With ``unfold_bn`` each layer with a folded BatchNorm trains as if the BatchNorm were still there, frozen at its
+running statistics (as QAT from a trained model does in Jacob et al. 2018 and PT2E after freezing BN): the
+folded weight is W' = W·g per output channel (g = γ / sqrt(var + eps), capture's ``bn_scale``), and an SGD step
+on W moves W' by lr·g²·∂L/∂W' (weight decay and momentum are linear, so they match too). The gradient of W' is
+scaled by g² and nothing else changes: the same parameters, the same lowering. ``lr`` is then the learning rate
+of the unfolded weights, the one ``arqc train`` used; folded, the small-g channels of the first layers see a
+step about 1/g² times larger than in training, which limits folded QAT to a small ``lr``.
+
 With ``distill`` = w > 0 the loss is (1 − w)·cross-entropy + w·KL(teacher ‖ student), the teacher (the float
 model) seeing the same noisy image (knowledge distillation, Hinton et al. 2015, as in quantization-aware
 distillation): the smoothed classifier counts the base classifier's votes under noise, so the quantized model
@@ -29,6 +37,7 @@ from tqdm import tqdm
 
 from arqc.augment import AUGMENTS, augment, resolve_augment
 from arqc.base import ArqcError, atomic_write
+from arqc.passes.meta import KEY
 from arqc.passes.quantize import TIE_IMAGES, avoid_ties, clamp_scales, freeze_scales, learn_scales
 from arqc.runtime.devices import resolve_device
 
@@ -38,11 +47,13 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
              state_path: str | Path | None = None, progress: bool = True,
              augmentation: str = "none", device: str | None = None,
              learned_scales: bool = False, scale_lr: float | None = None,
-             teacher: torch.nn.Module | None = None, distill: float = 0.0) -> torch.fx.GraphModule:
+             teacher: torch.nn.Module | None = None, distill: float = 0.0,
+             unfold_bn: bool = False) -> torch.fx.GraphModule:
     """Fine-tune ``sim`` in place on (images, labels), augmented (one of ``arqc.augment.AUGMENTS``), with noise
     N(0, σ²) added to the [0, 1] pixels, on ``device`` (default: cuda when available); ``sim`` ends on the
     CPU. ``learned_scales``: LSQ (see the module docstring), the scales at learning rate ``scale_lr`` (default:
-    ``lr``). ``distill``: the weight of the distillation loss from ``teacher`` (see the module docstring)."""
+    ``lr``). ``distill``: the weight of the distillation loss from ``teacher``; ``unfold_bn``: train folded
+weights as unfolded ones (both in the module docstring)."""
     if epochs < 0 or lr <= 0 or sigma < 0:
         raise ArqcError(f"fine-tuning needs epochs >= 0, lr > 0, sigma >= 0 (got {epochs}, {lr}, {sigma})")
     if augmentation not in AUGMENTS:
@@ -56,6 +67,7 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
     sim.to(dev)
     if distill > 0:
         teacher.to(dev).eval()
+    hooks = _unfolded_bn_hooks(sim) if unfold_bn else []
     scales = learn_scales(sim) if learned_scales else []
     learned = {id(p) for p in scales}
     params = [p for p in sim.parameters() if p.requires_grad and id(p) not in learned]
@@ -103,6 +115,8 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
             state = {"model": sim.state_dict(), "opt": opt.state_dict(), "schedule": schedule.state_dict(),
                      "gen": gen.get_state(), "epoch": epoch + 1}
             atomic_write(state_path, lambda f, state=state: torch.save(state, f))
+    for hook in hooks:
+        hook.remove()
     sim.to("cpu").eval()
     if distill > 0:
         teacher.to("cpu")
@@ -111,3 +125,16 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
         x = images[:TIE_IMAGES]  # learned scales are float scales (learn_scales refuses po2)
         avoid_ties(sim, x + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)))
     return sim
+
+
+def _unfolded_bn_hooks(sim: torch.fx.GraphModule) -> list[torch.utils.hooks.RemovableHandle]:
+    """Scale the gradient of every weight with a folded BatchNorm by g² per output channel (module docstring)."""
+    hooks = []
+    for node in sim.graph.nodes:
+        info = node.meta.get(KEY)
+        if node.op != "call_module" or info is None or info.bn_scale is None:
+            continue
+        weight = sim.get_submodule(node.target).weight
+        factor = info.bn_scale.to(weight.device).square().reshape((-1,) + (1,) * (weight.dim() - 1))
+        hooks.append(weight.register_hook(lambda grad, factor=factor: grad * factor))
+    return hooks

@@ -32,6 +32,7 @@ def check_smoothing_args(sigma: float, n0: int, n: int, alpha: float) -> None:
 
 CALIBRATIONS = ("minmax", "percentile", "mse")  # the same as arqc.passes.quantize.CALIBRATIONS (a test checks)
 QAT_SCALES = ("fixed", "lsq")
+QAT_BN = ("folded", "unfolded")  # arqc/qat.py: train folded weights as such, or as the unfolded conv's
 # the default calibration of arqc compile, by measurement (bench/calibration.py; examples/results/arq_cifar10.md)
 DEFAULT_CALIBRATION = "mse"
 
@@ -148,6 +149,8 @@ class SearchSettings:
     calibration: str = DEFAULT_CALIBRATION  # clipping ranges of every candidate and of the result (CALIBRATIONS)
     qat_scales: str = "fixed"  # the final QAT: "fixed" (scales as calibrated) or "lsq" (learned step sizes)
     qat_distill: float = 0.0  # weight of distillation from the FP32 model in every QAT loss (0: cross-entropy only)
+    qat_bn: str = "folded"  # QAT_BN: "unfolded" trains each weight as if its folded BatchNorm were still there
+    qat_scale_lr: float | None = None  # learning rate of LSQ's scales in the final QAT (None: lr)
     min_bits: int = 2
     max_bits: int = 8
     keep_first_last: bool = True  # HAQ keeps the first and last layer at 8 bits
@@ -167,6 +170,10 @@ class SearchSettings:
         check_quant_choices(self.scales, self.calibration, self.qat_scales)
         if not 0.0 <= self.qat_distill <= 1.0:
             raise ArqcError(f"--qat-distill is a weight between 0 and 1, got {self.qat_distill}")
+        if self.qat_bn not in QAT_BN:
+            raise ArqcError(f"unknown --qat-bn '{self.qat_bn}'; choose one of {', '.join(QAT_BN)}")
+        if self.lr <= 0 or (self.qat_scale_lr is not None and self.qat_scale_lr <= 0):
+            raise ArqcError(f"--lr and --qat-scale-lr must be positive, got {self.lr} and {self.qat_scale_lr}")
         if self.episodes < 1 or self.warmup < 0 or self.search_images < 1 or self.search_n < 1 or \
                 self.cache_n < self.search_n or self.finetune_epochs < 0 or self.episode_finetune_epochs < 0 or \
                 self.refine_images < 0 or self.refine_top < 1:

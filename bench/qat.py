@@ -28,12 +28,14 @@ from arqc.pipeline import quantize
 from arqc.qat import finetune
 
 
-def parse_variants(text: str) -> list[tuple[str, float, float]]:
-    """'SCALES:DISTILL:LR,...' → [(scales, distill, lr), ...]."""
+def parse_variants(text: str) -> list[tuple[str, float, float, str, float]]:
+    """'SCALES:DISTILL:LR[:BN[:SCALE_LR]],...' → [(scales, distill, lr, bn, scale_lr), ...]; BN is folded (the
+    default) or unfolded; SCALE_LR (LSQ's scales) defaults to LR."""
     variants = []
     for item in text.split(","):
-        scales, distill, lr = item.split(":")
-        variants.append((scales, float(distill), float(lr)))
+        scales, distill, lr, *rest = item.split(":")
+        bn = rest[0] if rest else "folded"
+        variants.append((scales, float(distill), float(lr), bn, float(rest[1]) if len(rest) > 1 else float(lr)))
     return variants
 
 
@@ -45,7 +47,8 @@ def main() -> None:
     p.add_argument("--policy", required=True, help="a policy file (a search's policy.json)")
     p.add_argument("--calibration", default="mse")
     p.add_argument("--variants", default="fixed:0:1e-3,lsq:0:1e-3,lsq:1:1e-3",
-                   help="QAT variants SCALES:DISTILL:LR (scales fixed or lsq; distillation weight; learning rate)")
+                   help="QAT variants SCALES:DISTILL:LR[:BN[:SCALE_LR]] (scales fixed or lsq; distillation weight; "
+                        "learning rate; BatchNorm folded or unfolded, arqc/qat.py; LSQ's learning rate)")
     p.add_argument("--epochs", type=int, default=1)
     args = p.parse_args()
     train, prep, x, y, measure = noisy_eval_inputs(args)
@@ -61,16 +64,18 @@ def main() -> None:
     start = quantize(prep, load_policy(args.policy), train, args.calib_images, calib_sigma=args.sigma,
                      clipping=args.calibration)
     print(f"before QAT: {100 * noisy_accuracy(start, x, y, args.sigma, args.draws):.1f} %", flush=True)
-    print("| scales | distillation weight | lr | top-1 % | QAT s |")
-    print("|---|---|---|---|---|")
-    for scales, distill, lr in parse_variants(args.variants):
+    print("| scales | distillation weight | lr | BatchNorm | scale lr | top-1 % | QAT s |")
+    print("|---|---|---|---|---|---|---|")
+    for scales, distill, lr, bn, scale_lr in parse_variants(args.variants):
         sim = copy.deepcopy(start)
         began = time.perf_counter()
         finetune(sim, tune_x, tune_y, sigma=args.sigma, epochs=args.epochs, lr=lr, augmentation="auto",
-                 progress=False, device="cpu", learned_scales=scales == "lsq", teacher=prep.gm, distill=distill)
+                 progress=False, device="cpu", learned_scales=scales == "lsq", scale_lr=scale_lr, teacher=prep.gm,
+                 distill=distill, unfold_bn=bn == "unfolded")
         seconds = time.perf_counter() - began
         accuracy = noisy_accuracy(sim, x, y, args.sigma, args.draws)
-        print(f"| {scales} | {distill:g} | {lr:g} | {100 * accuracy:.1f} | {seconds:.0f} |", flush=True)
+        print(f"| {scales} | {distill:g} | {lr:g} | {bn} | {scale_lr:g} | {100 * accuracy:.1f} | {seconds:.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from arqc.passes.policy import policy_to_json
 from arqc.passes.search.loop import chosen
 from arqc.pipeline import prepare_model
 from arqc.runtime.cluster import RayPool, pool_for
-from arqc.settings import CALIBRATIONS, QAT_SCALES, SearchSettings
+from arqc.settings import CALIBRATIONS, QAT_BN, QAT_SCALES, SearchSettings
 
 RADII = ("0.00", "0.25", "0.50", "0.75", "1.00")  # keys of arqc.runtime.run results
 
@@ -79,6 +79,9 @@ def experiment() -> None:
     p.add_argument("--qat-distill", type=float, default=SearchSettings.qat_distill,
                    help="weight of distillation from the FP32 model in the QAT loss (arqc compile --qat-distill)")
     p.add_argument("--lr", type=float, default=SearchSettings.lr, help="QAT learning rate (arqc compile --lr)")
+    p.add_argument("--qat-bn", choices=QAT_BN, default=SearchSettings.qat_bn,
+                   help="QAT of weights with a folded BatchNorm (arqc compile --qat-bn)")
+    p.add_argument("--qat-scale-lr", type=float, help="LSQ's learning rate (arqc compile --qat-scale-lr)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                    help="run the rows side by side on a Ray cluster (extra arqc[ray]): auto (the default of a bare "
@@ -104,7 +107,8 @@ def experiment() -> None:
                           n0=args.n0, n=args.n, alpha=args.alpha, finetune_epochs=args.finetune_epochs,
                           test_images=args.test_images, seed=args.seed, calib_images=args.calib_images,
                           episode_finetune_epochs=args.episode_finetune_epochs, calibration=args.calibration,
-                          qat_scales=args.qat_scales, qat_distill=args.qat_distill, lr=args.lr)
+                          qat_scales=args.qat_scales, qat_distill=args.qat_distill, lr=args.lr,
+                          qat_bn=args.qat_bn, qat_scale_lr=args.qat_scale_lr)
     with pool_for(args.ray, args.ray_workers) as pool:
         run_rows(args, (prep, train, test, finetune), base, pool)
 
@@ -208,7 +212,9 @@ def write_table(args: argparse.Namespace, rows: list[tuple[str, str, dict]], fp3
                 if args.refine_images else "") + "; "
              f"QAT {args.finetune_epochs} epoch(s) on `{args.finetune_data or args.train}` "
              "(noise σ; crops and flips for colour images, as `arqc train`), "
-             f"{'learned (LSQ)' if args.qat_scales == 'lsq' else 'fixed'} scales, learning rate {args.lr}"
+             f"{'learned (LSQ)' if args.qat_scales == 'lsq' else 'fixed'} scales"
+             + (f" (learning rate {args.qat_scale_lr})" if args.qat_scales == "lsq" and args.qat_scale_lr else "")
+             + f", {args.qat_bn} BatchNorm, learning rate {args.lr}"
              + (f", distilled from FP32 (weight {args.qat_distill})" if args.qat_distill else "")
              + f"; {args.calibration} calibration "
              f"on {args.calib_images} images. "

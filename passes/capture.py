@@ -598,6 +598,8 @@ def _fold_batchnorm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
             layer.bias = nn.Parameter(new_bias.float())
         else:
             layer.bias.copy_(new_bias.float())
+        info = producer.meta[KEY]
+        info.bn_scale = (g if info.bn_scale is None else info.bn_scale.double() * g).float()
     for out in _batchnorm_outputs(node):
         out.replace_all_uses_with(producer)
         if out is not node:

@@ -55,7 +55,7 @@ class ActQuant:
 
 @dataclass
 class NodeInfo:
-    """Per-node facts. Written by: capture (``kind``, ``layer``), analysis (shapes, counts, ``nonneg``),
+    """Per-node facts. Written by: capture (``kind``, ``layer``, ``bn_scale``), analysis (shapes, counts, ``nonneg``),
     the policy pass (``w_bits``, ``a_bits``), simulation (``grid``, requant nodes), calibration (``act``)."""
 
     kind: str  # the op's registry key (passes/ops/), e.g. "conv2d", "relu", "add"
@@ -73,6 +73,9 @@ class NodeInfo:
     # and on the ops that keep their input's grid (relu, max pool, flatten, reshape, permute, slice, zero pad);
     # None = float
     grid: str | None = None
+    # capture: the per-output-channel factor γ / sqrt(var + eps) of the BatchNorm folded into this layer's weight
+    # (float32; None = none folded). QAT uses it to train the weight as if the BatchNorm were still there.
+    bn_scale: torch.Tensor | None = None
 
     @property
     def quantizable(self) -> bool:

@@ -38,6 +38,7 @@ BAD = [
     ("too few images", ["--budget", "5%", "--search-images", "30"], ["lower --search-images"]),
     ("lsq with po2", ["--budget", "5%", "--qat-scales", "lsq", "--scales", "po2"], ["--qat-scales lsq"]),
     ("distillation weight above 1", ["--budget", "5%", "--qat-distill", "1.5"], ["--qat-distill", "between 0 and 1"]),
+    ("scale learning rate not positive", ["--budget", "5%", "--qat-scale-lr", "0"], ["--qat-scale-lr", "positive"]),
 ]
 
 
@@ -157,13 +158,16 @@ def test_search_records_its_calibration_and_learned_scales(search_inputs, tmp_pa
     from arqc.passes.lower import read_metadata
 
     argv = _argv(search_inputs, tmp_path, "--budget", "5%", "--method", "greedy", "--calibration", "percentile",
-                 "--qat-scales", "lsq", "--qat-distill", "0.5", "--finetune-epochs", "1")
+                 "--qat-scales", "lsq", "--qat-distill", "0.5", "--qat-bn", "unfolded", "--qat-scale-lr", "2e-4",
+                 "--finetune-epochs", "1")
     code, _, err = run_cli(argv, capsys)
     assert code == 0, err
     meta = read_metadata(onnx.load(tmp_path / "q.onnx"))
     assert meta["arqc.settings"]["calibration"] == "percentile"
     assert meta["arqc.settings"]["search"]["qat_scales"] == "lsq"
     assert meta["arqc.settings"]["search"]["qat_distill"] == 0.5
+    assert meta["arqc.settings"]["search"]["qat_bn"] == "unfolded"
+    assert meta["arqc.settings"]["search"]["qat_scale_lr"] == 2e-4
     methods = [q["method"] for q in [*meta["arqc.calibration"].values(), *meta["arqc.requant"].values()]]
     assert methods and all(m.startswith("percentile, noise sigma=0.25") for m in methods)
     assert all(m.endswith((", lsq", ", lsq, off ties")) for m in methods)

@@ -1,11 +1,17 @@
-"""Noise-aware QAT (arqc/qat.py): its augmentation follows `arqc train`, and bad settings are refused."""
+"""Noise-aware QAT (arqc/qat.py): its augmentation follows `arqc train`, unfolded BatchNorm training takes the
+unfolded network's steps, and bad settings are refused."""
 
 from __future__ import annotations
+
+import copy
+import math
 
 import pytest
 import torch
 
 from arqc.base import ArqcError
+from arqc.passes.meta import KEY
+from arqc.pipeline import prepare_model
 from arqc.qat import finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -149,3 +155,63 @@ def test_distillation_needs_a_teacher_and_a_weight_in_range():
     for weight, teacher in [(0.5, None), (1.5, gm), (-0.1, gm)]:
         with pytest.raises(ArqcError, match="distillation needs a weight in"):
             finetune(gm, x, y, sigma=0.25, epochs=1, teacher=teacher, distill=weight, progress=False)
+
+
+class _ConvBn(torch.nn.Module):
+    """A conv whose BatchNorm capture folds (γ spread over two orders of magnitude, as in trained networks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, bias=False)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 6 * 6, 3)
+        with torch.no_grad():
+            self.bn.weight.copy_(torch.tensor([0.02, 0.2, 1.0, 2.5]))
+            self.bn.bias.copy_(torch.tensor([0.1, -0.2, 0.0, 0.3]))
+            self.bn.running_mean.copy_(torch.tensor([0.5, -0.1, 0.2, 0.0]))
+            self.bn.running_var.copy_(torch.tensor([0.3, 1.5, 0.8, 2.0]))
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def _unfolded_oracle(net: _ConvBn, x, y, lr: float, batch_size: int) -> torch.Tensor:
+    """Plain PyTorch: train the conv weight with its BatchNorm in place and frozen (eval mode, γ fixed; β, the
+    linear layer and the conv weight trained), SGD with finetune's momentum, weight decay, cosine schedule and
+    batch order; return the conv weight folded with the BatchNorm afterwards."""
+    net.eval()
+    net.bn.weight.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=lr, momentum=0.9, weight_decay=1e-4)
+    batches = torch.randperm(len(x), generator=torch.Generator().manual_seed(0)).split(batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / len(batches))))
+    for idx in batches:
+        loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+    g = net.bn.weight / torch.sqrt(net.bn.running_var + net.bn.eps)
+    return net.conv.weight.detach() * g.reshape(-1, 1, 1, 1)
+
+
+def test_unfolded_bn_qat_takes_the_steps_of_the_unfolded_network():
+    # the oracle trains the network with its BatchNorm still there; finetune(unfold_bn=True) trains the captured
+    # network, whose BatchNorm capture folded into the conv, and must end on the same folded weights
+    torch.manual_seed(0)
+    net = _ConvBn()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.rand(24, 3, 8, 8, generator=gen), torch.arange(24) % 3
+    expected = _unfolded_oracle(copy.deepcopy(net), x, y, lr=0.5, batch_size=8)
+    start = prepare_model(copy.deepcopy(net), input_shape=(3, 8, 8)).gm
+    assert [n.meta[KEY].bn_scale is not None for n in start.graph.nodes if n.op == "call_module"] == [True, False]
+
+    def tuned(unfold_bn: bool) -> torch.Tensor:
+        gm = copy.deepcopy(start)
+        finetune(gm, x, y, sigma=0.0, epochs=1, lr=0.5, batch_size=8, progress=False, augmentation="none",
+                 device="cpu", unfold_bn=unfold_bn)
+        return gm.get_submodule("conv").weight.detach()
+
+    moved = (expected - start.get_submodule("conv").weight).abs().max()
+    assert moved > 1e-2  # the steps are large enough to tell the two apart
+    assert (tuned(True) - expected).abs().max() < 1e-3 * moved  # β's weight decay acts on the folded bias: ~1e-7
+    assert (tuned(False) - expected).abs().max() > 0.1 * moved  # folded training takes other steps

@@ -22,7 +22,7 @@ from arqc.commands.options import (
 from arqc.passes.quantize import SCALES
 from arqc.passes.search.budget import parse_budget
 from arqc.reports import format_compile_report, render_html
-from arqc.settings import CALIBRATIONS, METHODS, QAT_SCALES, SearchSettings
+from arqc.settings import CALIBRATIONS, METHODS, QAT_BN, QAT_SCALES, SearchSettings
 
 SEARCH = SearchSettings()  # the defaults of the search options
 
@@ -66,6 +66,12 @@ def search_options(f):
         click.option("--qat-distill", type=float, default=d.qat_distill, show_default=True,
                      help="Weight in [0, 1] of distillation from the FP32 model on the same noisy images in the "
                      "QAT loss (the rest is cross-entropy with the labels)."),
+        click.option("--qat-bn", type=click.Choice(QAT_BN), default=d.qat_bn, show_default=True,
+                     help="Train each weight with a folded BatchNorm as folded (folded) or with the steps of the "
+                     "unfolded conv, its BatchNorm frozen (unfolded: --lr is then the training rate of the "
+                     "unfolded weights)."),
+        click.option("--qat-scale-lr", type=float, help="Learning rate of the learned scales of --qat-scales lsq "
+                     "[default: --lr]."),
         click.option("--device", help="Where QAT, fine-tunes and the FP32 model's sampling run: cpu or cuda[:N] "
                      "[default: cuda when available]. Candidates run in onnxruntime on the CPU."),
         click.option("--workdir", help="Where the stages are kept [default: OUTPUT.arqc/]."),
@@ -103,7 +109,7 @@ def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bit
              compare_runtime, verify, test_data,
              num_images, n, n0, alpha, max_disagreement, seed, budget, method, episodes, warmup, demo, search_images,
              cache_n, search_n, refine_images, refine_top, lam, finetune_epochs, finetune_data,
-             episode_finetune_epochs, lr, qat_scales, qat_distill, device, workdir,
+             episode_finetune_epochs, lr, qat_scales, qat_distill, qat_bn, qat_scale_lr, device, workdir,
              resume, html_path, ray_address, ray_workers, chunk):
     """Quantize MODEL and lower it to a QDQ ONNX model: at a fixed precision (--bits, --w-bits/--a-bits,
     --policy), or at the precision an ARQ search finds under a BitOps --budget (with --sigma and no precision
@@ -134,7 +140,8 @@ def compile_(model, output, arch, trust_pickle, input_shape, bits, w_bits, a_bit
                                 demo=demo, search_images=search_images, cache_n=cache_n, search_n=search_n,
                                 refine_images=refine_images, refine_top=refine_top, lam=lam,
                                 finetune_epochs=finetune_epochs, episode_finetune_epochs=episode_finetune_epochs,
-                                lr=lr, qat_scales=qat_scales, qat_distill=qat_distill, device=device)
+                                lr=lr, qat_scales=qat_scales, qat_distill=qat_distill, qat_bn=qat_bn,
+                                qat_scale_lr=qat_scale_lr, device=device)
         workdir = workdir or f"{output}.arqc"
     result = api.compile(model, data, arch=arch, input_shape=parse_shape(input_shape), trust_pickle=trust_pickle,
                          bits=bits, w_bits=w_bits, a_bits=a_bits, policy=policy_path,
