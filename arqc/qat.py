@@ -53,7 +53,7 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
     N(0, σ²) added to the [0, 1] pixels, on ``device`` (default: cuda when available); ``sim`` ends on the
     CPU. ``learned_scales``: LSQ (see the module docstring), the scales at learning rate ``scale_lr`` (default:
     ``lr``). ``distill``: the weight of the distillation loss from ``teacher``; ``unfold_bn``: train folded
-weights as unfolded ones (both in the module docstring)."""
+    weights as unfolded ones (both in the module docstring)."""
     if epochs < 0 or lr <= 0 or sigma < 0:
         raise ArqcError(f"fine-tuning needs epochs >= 0, lr > 0, sigma >= 0 (got {epochs}, {lr}, {sigma})")
     if augmentation not in AUGMENTS:
