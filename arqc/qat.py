@@ -54,8 +54,9 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
     CPU. ``learned_scales``: LSQ (see the module docstring), the scales at learning rate ``scale_lr`` (default:
     ``lr``). ``distill``: the weight of the distillation loss from ``teacher``; ``unfold_bn``: train folded
     weights as unfolded ones (both in the module docstring)."""
-    if epochs < 0 or lr <= 0 or sigma < 0:
-        raise ArqcError(f"fine-tuning needs epochs >= 0, lr > 0, sigma >= 0 (got {epochs}, {lr}, {sigma})")
+    if epochs < 0 or lr <= 0 or sigma < 0 or (scale_lr is not None and scale_lr <= 0):
+        raise ArqcError(f"fine-tuning needs epochs >= 0, lr > 0, scale_lr > 0, sigma >= 0 "
+                        f"(got {epochs}, {lr}, {scale_lr}, {sigma})")
     if augmentation not in AUGMENTS:
         raise ArqcError(f"unknown augmentation '{augmentation}'; choose one of {', '.join(AUGMENTS)}")
     if not 0.0 <= distill <= 1.0 or (distill > 0 and teacher is None):
@@ -71,7 +72,8 @@ def finetune(sim: torch.fx.GraphModule, images: torch.Tensor, labels: torch.Tens
     scales = learn_scales(sim) if learned_scales else []
     learned = {id(p) for p in scales}
     params = [p for p in sim.parameters() if p.requires_grad and id(p) not in learned]
-    groups = [{"params": params}] + ([{"params": scales, "weight_decay": 0.0, "lr": scale_lr or lr}] if scales else [])
+    scale_group = {"params": scales, "weight_decay": 0.0, "lr": lr if scale_lr is None else scale_lr}
+    groups = [{"params": params}] + ([scale_group] if scales else [])
     opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(images) / batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(

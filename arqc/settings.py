@@ -172,8 +172,9 @@ class SearchSettings:
             raise ArqcError(f"--qat-distill is a weight between 0 and 1, got {self.qat_distill}")
         if self.qat_bn not in QAT_BN:
             raise ArqcError(f"unknown --qat-bn '{self.qat_bn}'; choose one of {', '.join(QAT_BN)}")
-        if self.lr <= 0 or (self.qat_scale_lr is not None and self.qat_scale_lr <= 0):
-            raise ArqcError(f"--lr and --qat-scale-lr must be positive, got {self.lr} and {self.qat_scale_lr}")
+        for option, rate in (("--lr", self.lr), ("--qat-scale-lr", self.qat_scale_lr)):
+            if rate is not None and rate <= 0:
+                raise ArqcError(f"{option} is a learning rate and must be positive, got {rate}")
         if self.episodes < 1 or self.warmup < 0 or self.search_images < 1 or self.search_n < 1 or \
                 self.cache_n < self.search_n or self.finetune_epochs < 0 or self.episode_finetune_epochs < 0 or \
                 self.refine_images < 0 or self.refine_top < 1:

@@ -23,6 +23,7 @@ import torch
 from calibration import noisy_accuracy, noisy_eval_arguments, noisy_eval_inputs
 
 from arqc.data import load_images
+from arqc.passes.meta import KEY
 from arqc.passes.policy import load_policy
 from arqc.pipeline import quantize
 from arqc.qat import finetune
@@ -63,6 +64,9 @@ def main() -> None:
     print(f"FP32: {100 * noisy_accuracy(prep.gm, x, y, args.sigma, args.draws):.1f} %")
     start = quantize(prep, load_policy(args.policy), train, args.calib_images, calib_sigma=args.sigma,
                      clipping=args.calibration)
+    print("median g² per layer (the gradient factor of --qat-bn unfolded; g = γ/√(var + ε) of the folded BatchNorm): "
+          + ", ".join(f"{n.target} {n.meta[KEY].bn_scale.square().median():.3g}" for n in start.graph.nodes
+                      if n.op == "call_module" and n.meta.get(KEY) and n.meta[KEY].bn_scale is not None))
     print(f"before QAT: {100 * noisy_accuracy(start, x, y, args.sigma, args.draws):.1f} %", flush=True)
     print("| scales | distillation weight | lr | BatchNorm | scale lr | top-1 % | QAT s |")
     print("|---|---|---|---|---|---|---|")

@@ -157,6 +157,14 @@ def test_distillation_needs_a_teacher_and_a_weight_in_range():
             finetune(gm, x, y, sigma=0.25, epochs=1, teacher=teacher, distill=weight, progress=False)
 
 
+def test_a_scale_learning_rate_of_zero_is_refused_not_replaced_by_lr():
+    gm = torch.fx.symbolic_trace(_Net(1))
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 3
+    for scale_lr in (0.0, -1e-3):
+        with pytest.raises(ArqcError, match="scale_lr > 0"):
+            finetune(gm, x, y, sigma=0.25, epochs=1, learned_scales=True, scale_lr=scale_lr, progress=False)
+
+
 class _ConvBn(torch.nn.Module):
     """A conv whose BatchNorm capture folds (γ spread over two orders of magnitude, as in trained networks)."""
 
